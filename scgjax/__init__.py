@@ -1,0 +1,47 @@
+"""scgjax: stochastic computation graphs in JAX.
+
+Write a model and a guide as Python functions with :func:`sample`, :func:`param`,
+:class:`plate`, :func:`factor`; pick a gradient estimator per random choice; train with an
+objective (:class:`ELBO`, :class:`Expectation`) and optax through :class:`SVI`. The surrogate
+loss credits each random choice only with the costs downstream of it, element by element
+through plates, and is unbiased for gradients of any order (DiCE).
+"""
+
+from scgjax import baselines, dist, handlers
+from scgjax.errors import ScgjaxError, SiteError
+from scgjax.estimators import RLOO, Estimator, Pathwise, ScoreFunction
+from scgjax.graph import SCG
+from scgjax.infer import SVI, SVIRunResult, SVIState
+from scgjax.objectives import ELBO, Expectation, Objective, graph
+from scgjax.params import constrain_params, init_params
+from scgjax.primitives import deterministic, factor, module, param, plate, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ELBO",
+    "Estimator",
+    "Expectation",
+    "Objective",
+    "Pathwise",
+    "RLOO",
+    "SCG",
+    "SVI",
+    "SVIRunResult",
+    "SVIState",
+    "ScgjaxError",
+    "ScoreFunction",
+    "SiteError",
+    "baselines",
+    "constrain_params",
+    "deterministic",
+    "dist",
+    "factor",
+    "graph",
+    "handlers",
+    "init_params",
+    "module",
+    "param",
+    "plate",
+    "sample",
+]

@@ -1,0 +1,264 @@
+"""The stochastic computation graph (SCG) of a traced program, and its rendering.
+
+An SCG (Schulman et al. 2015) has *stochastic nodes* (the random choices that are sampled),
+*cost nodes* (terms of the objective: log-densities, minus guide log-densities, factors) and the
+data-flow edges between them. Objectives use it for credit assignment: a stochastic node ``w``
+is credited with the costs *downstream* of it, i.e. the costs that a value computed from ``w``
+reaches, directly or through the distributions of other stochastic nodes:
+
+    credit(w) = { c : inputs(c) ∩ ({w} ∪ descendants(w)) ≠ ∅ }.
+
+Within plates the credit is per element (see :mod:`scgjax.objectives.surrogate`); this module
+records which plates each node and cost lives in, and dimensions of a node's batch shape that no
+plate declares (those are treated as one block, which is correct but loses structure: the graph
+view marks them so a user can replace a ``.to_event`` by a plate).
+
+Example:
+    >>> import scgjax as sg
+    >>> from scgjax import dist
+    >>> def guide():
+    ...     a = sg.sample("a", dist.Bernoulli(logits=0.0))
+    ...     sg.sample("b", dist.Bernoulli(logits=a * 1.0))
+    >>> def model():
+    ...     a = sg.sample("a", dist.Bernoulli(logits=0.0))
+    ...     b = sg.sample("b", dist.Bernoulli(logits=0.0))
+    >>> g = sg.graph(model, guide)
+    >>> g.credited_costs("b")
+    ('log p(b)', '-log q(b)')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from scgjax.primitives import Message
+
+__all__ = ["Plate", "StochasticNode", "CostNode", "SCG", "canonical_plate_shape",
+           "to_canonical"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plate:
+    """A plate of the program: ``size`` elements carried (the subsample), of ``full_size``."""
+
+    name: str
+    size: int
+    full_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StochasticNode:
+    """A sampled random choice of the program (a guide site, for guided objectives)."""
+
+    name: str
+    role: str
+    distribution: str
+    reparameterisable: bool
+    discrete: bool
+    estimator: Any
+    plates: tuple[str, ...]
+    batch_shape: tuple[int, ...]
+    event_shape: tuple[int, ...]
+    unplated_dims: tuple[int, ...]
+
+    @property
+    def score(self) -> bool:
+        """Whether the node's log-density enters the surrogate (score-function family)."""
+        return bool(getattr(self.estimator, "score", False))
+
+
+@dataclasses.dataclass(frozen=True)
+class CostNode:
+    """A term of the objective: ``sign * scale * log_prob`` of a site, or a factor."""
+
+    id: str
+    site: str
+    role: str
+    kind: str
+    sign: float
+    plates: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SCG:
+    """A stochastic computation graph with its data-flow edges and credit assignment.
+
+    Attributes:
+        nodes: the stochastic nodes, in program order.
+        costs: the cost nodes, in program order.
+        plates: the plates, in order of first appearance.
+        parents: for each node, the stochastic nodes its distribution depends on.
+        cost_inputs: for each cost, the stochastic nodes its value depends on directly.
+    """
+
+    nodes: Mapping[str, StochasticNode]
+    costs: Mapping[str, CostNode]
+    plates: Mapping[str, Plate]
+    parents: Mapping[str, frozenset[str]]
+    cost_inputs: Mapping[str, frozenset[str]]
+
+    @functools.cached_property
+    def _descendants(self) -> dict[str, frozenset[str]]:
+        children = {n: [c for c in self.nodes if n in self.parents[c]] for n in self.nodes}
+        out: dict[str, frozenset[str]] = {}
+        for name in self.nodes:
+            seen: set[str] = set()
+            todo = list(children[name])
+            while todo:
+                n = todo.pop()
+                if n not in seen:
+                    seen.add(n)
+                    todo.extend(children[n])
+            out[name] = frozenset(seen)
+        return out
+
+    def descendants(self, name: str) -> frozenset[str]:
+        """Stochastic nodes reachable from node ``name`` through distributions."""
+        return self._descendants[name]
+
+    def credited_costs(self, name: str) -> tuple[str, ...]:
+        """The costs downstream of node ``name`` (what its score is multiplied by)."""
+        reach = self.descendants(name) | {name}
+        return tuple(c for c, ins in self.cost_inputs.items() if ins & reach)
+
+    def upstream(self, cost_id: str) -> tuple[str, ...]:
+        """The stochastic nodes that cost ``cost_id`` is downstream of."""
+        inputs = self.cost_inputs[cost_id]
+        return tuple(n for n in self.nodes if inputs & (self.descendants(n) | {n}))
+
+    def shared_plates(self, name: str, cost_id: str) -> tuple[str, ...]:
+        """The plates along which node ``name`` is credited with cost ``cost_id`` element by
+        element: plates of both, and of every stochastic node on a path between them (a
+        path through a node outside a plate links every element of it to every other)."""
+        keep = set(self.nodes[name].plates) & set(self.costs[cost_id].plates)
+        inputs = self.cost_inputs[cost_id]
+        for v in self.descendants(name):
+            if v in inputs or self.descendants(v) & inputs:
+                keep &= set(self.nodes[v].plates)
+        return tuple(p for p in self.plates if p in keep)
+
+    def plate_mask(self, plates: tuple[str, ...]) -> tuple[bool, ...]:
+        """Which canonical plate axes a site in ``plates`` occupies."""
+        return tuple(p in plates for p in self.plates)
+
+    def to_dot(self) -> str:
+        """Graphviz source: stochastic nodes (circles; double for score-estimated), costs
+        (boxes), data-flow edges (solid), plates (clusters) and, for every score-estimated
+        node, dashed blue edges to the costs it is credited with."""
+        lines = ["digraph scg {", "  rankdir=TB;", '  node [fontname="Helvetica"];']
+        ids = {n: f"n{i}" for i, n in enumerate(self.nodes)}
+        ids.update({c: f"c{i}" for i, c in enumerate(self.costs)})
+
+        def label(text: str) -> str:
+            return text.replace('"', r"\"")
+
+        def node_line(key: str) -> str:
+            if key in self.nodes:
+                node = self.nodes[key]
+                est = type(node.estimator).__name__ if node.estimator is not None else "-"
+                block = f"\\nblock dims {node.unplated_dims}" if node.unplated_dims else ""
+                shape = "doublecircle" if node.score else "circle"
+                return (f'{ids[key]} [shape={shape}, label="{label(key)}\\n'
+                        f'{node.distribution}\\n[{est}]{block}"];')
+            return f'{ids[key]} [shape=box, style=filled, fillcolor="#eeeeee", ' \
+                   f'label="{label(key)}"];'
+
+        def plates_of(key: str) -> tuple[str, ...]:
+            return self.nodes[key].plates if key in self.nodes else self.costs[key].plates
+
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for key in [*self.nodes, *self.costs]:
+            groups.setdefault(plates_of(key), []).append(key)
+        for i, (plates, keys) in enumerate(groups.items()):
+            if plates:
+                sizes = ", ".join(f"{p} ({self.plates[p].size})" for p in plates)
+                lines.append(f"  subgraph cluster_{i} {{")
+                lines.append(f'    label="plate {label(sizes)}"; style=rounded;')
+                lines.extend(f"    {node_line(k)}" for k in keys)
+                lines.append("  }")
+            else:
+                lines.extend(f"  {node_line(k)}" for k in keys)
+        for child, parents in self.parents.items():
+            lines.extend(f"  {ids[p]} -> {ids[child]};" for p in parents)
+        for cost, inputs in self.cost_inputs.items():
+            lines.extend(f"  {ids[n]} -> {ids[cost]};" for n in inputs)
+        for name, node in self.nodes.items():
+            if node.score:
+                lines.extend(
+                    f'  {ids[name]} -> {ids[c]} [style=dashed, color="#1f77b4", '
+                    f"constraint=false];"
+                    for c in self.credited_costs(name)
+                )
+        lines.append("}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        rows = [f"SCG with {len(self.nodes)} stochastic nodes, {len(self.costs)} costs"]
+        for name, node in self.nodes.items():
+            est = type(node.estimator).__name__ if node.estimator is not None else "-"
+            plates = f" in {list(node.plates)}" if node.plates else ""
+            rows.append(f"  {name}: {node.distribution}{plates} [{est}] credited with "
+                        f"{list(self.credited_costs(name))}")
+        return "\n".join(rows)
+
+
+def node_from_message(msg: Message, role: str) -> StochasticNode:
+    """The python-only description of a sampled site (no arrays, safe to keep after tracing)."""
+    fn = msg["fn"]
+    frames = msg["cond_indep_stack"]
+    batch = tuple(fn.batch_shape)
+    plated = {len(batch) + f.dim for f in frames}
+    return StochasticNode(
+        name=msg["name"],
+        role=role,
+        distribution=type(fn).__name__ if type(fn).__name__ not in (
+            "ExpandedDistribution", "Independent") else _describe(fn),
+        reparameterisable=bool(fn.has_rsample),
+        discrete=bool(getattr(fn.support, "is_discrete", False)),
+        estimator=msg.get("estimator"),
+        plates=tuple(f.name for f in frames),
+        batch_shape=batch,
+        event_shape=tuple(fn.event_shape),
+        unplated_dims=tuple(d - len(batch) for d in range(len(batch)) if d not in plated),
+    )
+
+
+def _describe(fn: Any) -> str:
+    inner = fn
+    while hasattr(inner, "base_dist"):
+        inner = inner.base_dist
+    return type(inner).__name__ + (".to_event" if fn.event_shape else "")
+
+
+def canonical_plate_shape(scg_plates: Mapping[str, Plate], plates: tuple[str, ...]) -> tuple:
+    """The shape of a per-element array of a site in ``plates``: one axis per program plate."""
+    return tuple(p.size if name in plates else 1 for name, p in scg_plates.items())
+
+
+def to_canonical(log_prob: Any, msg: Message, plate_order: tuple[str, ...]) -> Any:
+    """Reduce a site's per-element array to the canonical layout.
+
+    Batch dimensions that belong to a plate are kept, one axis per plate of the program in
+    ``plate_order`` (size 1 for plates the site is not in); all other batch dimensions are
+    summed (a block). The result has ``len(plate_order)`` dimensions.
+    """
+    fn = msg["fn"]
+    batch = tuple(fn.batch_shape)
+    log_prob = jnp.broadcast_to(log_prob, batch)
+    axis_of = {f.name: len(batch) + f.dim for f in msg["cond_indep_stack"]}
+    other = tuple(a for a in range(len(batch)) if a not in axis_of.values())
+    if other:
+        log_prob = log_prob.sum(axis=other)
+    kept = sorted(axis_of, key=axis_of.get)  # remaining axes, in their current order
+    order = [kept.index(p) for p in plate_order if p in axis_of]
+    log_prob = jnp.transpose(log_prob, order) if order else log_prob
+    shape = []
+    sizes = iter(log_prob.shape)
+    for p in plate_order:
+        shape.append(next(sizes) if p in axis_of else 1)
+    return jnp.reshape(log_prob, tuple(shape))

@@ -1,0 +1,79 @@
+"""What all objectives share: particles, the traced structure, the state, the loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from scgjax import handlers
+from scgjax.estimators.base import PARTICLE_AXIS
+from scgjax.objectives import program
+from scgjax.objectives.surrogate import dice_surrogate
+
+
+class Objective:
+    """Base class: a surrogate loss built from the traced program's SCG.
+
+    Subclasses set ``kind`` (``program.GUIDED`` or ``program.SINGLE``). ``loss`` returns minus
+    the surrogate: its value is minus the objective estimate and ``jax.grad`` of it is the
+    gradient estimate. ``loss_with_state`` also threads the estimators' state (moving-average
+    baselines, ...) and returns metrics.
+    """
+
+    kind: str = program.GUIDED
+
+    def __init__(self, num_particles: int = 1):
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
+        self.num_particles = num_particles
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_particles={self.num_particles})"
+
+    def _programs(self, fns: tuple) -> tuple:
+        want = 1 if self.kind == program.SINGLE else 2
+        if len(fns) != want or not all(callable(f) for f in fns):
+            names = "fn" if want == 1 else "model, guide"
+            raise TypeError(f"{type(self).__name__} expects {names} after params")
+        return fns
+
+    def structure(self, rng_key: Any, params: dict, *fns_and_args, **kwargs
+                  ) -> program.Structure:
+        """The traced structure (SCG and layout); nothing runs."""
+        n = 1 if self.kind == program.SINGLE else 2
+        programs = self._programs(fns_and_args[:n])
+        key = handlers.as_prng_key(rng_key)
+        return program.analyse(self.kind, key, params, programs, fns_and_args[n:], kwargs,
+                               self.num_particles)
+
+    def init_state(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> dict:
+        """Initial estimator state, one entry per score-estimated site."""
+        scg = self.structure(rng_key, params, *fns_and_args, **kwargs).scg
+        return {n: node.estimator.init_state() for n, node in scg.nodes.items() if node.score}
+
+    def loss_with_state(self, rng_key: Any, params: dict, state: dict | None, *fns_and_args,
+                        **kwargs) -> tuple[jax.Array, tuple[dict, dict]]:
+        """``(loss, (new_state, metrics))``; ``state=None`` starts from the initial state."""
+        n = 1 if self.kind == program.SINGLE else 2
+        programs = self._programs(fns_and_args[:n])
+        args = fns_and_args[n:]
+        key = handlers.as_prng_key(rng_key)
+        structure = program.analyse(self.kind, key, params, programs, args, kwargs,
+                                    self.num_particles)
+
+        def one_particle(particle_key):
+            traces = program.run(self.kind, particle_key, params, programs, args, kwargs,
+                                 self.num_particles)
+            return program.particle_arrays(structure, traces)
+
+        keys = jax.random.split(key, self.num_particles)
+        logq, costs = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys)
+        surrogate, per_particle, new_state = dice_surrogate(structure, logq, costs,
+                                                            state or {})
+        metrics = {"objective": per_particle.mean()}
+        return -surrogate, (new_state, metrics)
+
+    def loss(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> jax.Array:
+        """Minus the surrogate objective (see the class docstring)."""
+        return self.loss_with_state(rng_key, params, None, *fns_and_args, **kwargs)[0]

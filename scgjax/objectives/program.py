@@ -1,0 +1,290 @@
+"""Running a program for an objective, and reading its stochastic computation graph.
+
+Two shapes of program are supported, and every objective is built on one of them:
+
+- **guided** (``ELBO``, ...): the guide samples the latent sites, the model is replayed at the
+  guide's values. Stochastic nodes are the guide's latent sites; costs are every model site's
+  log-density (latent, observed, factors) and minus every guide site's log-density.
+- **single** (``Expectation``): one program samples its latents; costs are its observed sites
+  and factors (the objective is ``E[sum of factors and observed log-densities]``).
+
+:func:`analyse` finds the graph *without running anything*: one abstract pass
+(``jax.eval_shape``) records the sites, and one pass traced to a jaxpr with the latent values as
+inputs gives the data flow from every latent to every log-density (:mod:`scgjax.provenance`).
+Both happen while the objective is being traced, so a jitted step does none of this work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scgjax import handlers
+from scgjax.errors import SiteError
+from scgjax.estimators import default_estimator
+from scgjax.graph import SCG, CostNode, Plate, node_from_message, to_canonical
+from scgjax.params import init_params
+from scgjax.primitives import Message, Messenger
+from scgjax.provenance import dependencies
+
+GUIDED = "guided"
+SINGLE = "single"
+
+
+class estimate(Messenger):
+    """Resolve each sampled site's estimator (its own, an override by name, or the default)
+    and let it draw the value. Internal to objectives; ``overrides`` maps names to estimators.
+    """
+
+    def __init__(self, fn: Callable | None = None, num_particles: int = 1,
+                 overrides: dict | None = None):
+        super().__init__(fn)
+        self.num_particles = num_particles
+        self.overrides = overrides or {}
+
+    def process_message(self, msg: Message) -> None:
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return
+        est = self.overrides.get(msg["name"], msg.get("estimator"))
+        if est is None:
+            est = default_estimator(msg["fn"], self.num_particles)
+        est.validate(msg["name"], msg["fn"], self.num_particles)
+        msg["estimator"] = est
+        msg["estimator_active"] = True
+
+
+def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tuple,
+        kwargs: dict, num_particles: int, values: dict | None = None) -> dict[str, dict]:
+    """Run the program(s) once; return the traces by role (``guide``/``model`` or
+    ``program``). ``values`` substitutes the sampled latents (for the data-flow pass)."""
+
+    def prepare(fn, key):
+        fn = handlers.substitute_unconstrained(fn, params)
+        if values is not None:
+            fn = handlers.substitute(fn, values)
+        return handlers.seed(fn, key)
+
+    if kind == SINGLE:
+        (fn,) = programs
+        with estimate(num_particles=num_particles):
+            tr = handlers.trace(prepare(fn, rng_key)).get_trace(*args, **kwargs)
+        return {"program": tr}
+    model, guide = programs
+    key_guide, key_model = jax.random.split(rng_key)
+    with estimate(num_particles=num_particles):
+        guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
+    model_fn = handlers.replay(prepare(model, key_model), guide_tr)
+    model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
+    _check_guided(model_tr, guide_tr)
+    return {"guide": guide_tr, "model": model_tr}
+
+
+def _is_latent(msg: Message) -> bool:
+    return msg["type"] == "sample" and not msg["is_observed"]
+
+
+def _check_guided(model_tr: dict, guide_tr: dict) -> None:
+    for name, msg in guide_tr.items():
+        if msg["type"] != "sample":
+            continue
+        if msg["is_observed"]:
+            raise SiteError(name, "is observed in the guide; observe data in the model only")
+        other = model_tr.get(name)
+        if other is None or other["type"] != "sample":
+            raise SiteError(name, "is sampled by the guide, but the model has no such site")
+        if other["is_observed"]:
+            raise SiteError(name, "is sampled by the guide, but the model observes it")
+    for name, msg in model_tr.items():
+        if _is_latent(msg) and name not in guide_tr:
+            raise SiteError(
+                name, "is a latent site of the model that the guide does not sample; add it "
+                "to the guide (or observe it in the model)"
+            )
+
+
+def sampling_role(kind: str) -> str:
+    return "program" if kind == SINGLE else "guide"
+
+
+def cost_sites(kind: str, traces: dict) -> list[tuple[str, str, str, float]]:
+    """``(cost id, role, site name, sign)`` for every cost of the traces, in program order."""
+    out = []
+    if kind == SINGLE:
+        for name, msg in traces["program"].items():
+            if msg["type"] == "sample" and msg["is_observed"]:
+                cid = name if msg.get("is_factor") else f"log p({name})"
+                out.append((cid, "program", name, 1.0))
+        return out
+    for name, msg in traces["model"].items():
+        if msg["type"] == "sample":
+            cid = name if msg.get("is_factor") else f"log p({name})"
+            out.append((cid, "model", name, 1.0))
+    for name, msg in traces["guide"].items():
+        if msg["type"] == "sample":
+            out.append((f"-log q({name})", "guide", name, -1.0))
+    return out
+
+
+def site_log_prob(msg: Message) -> jax.Array:
+    """``log fn(value)`` of a sample site with its mask applied (0 where masked)."""
+    lp = msg["fn"].log_prob(msg["value"])
+    lp = jnp.broadcast_to(lp, tuple(msg["fn"].batch_shape))
+    if msg.get("mask") is not None:
+        lp = jnp.where(msg["mask"], lp, 0.0)
+    return lp
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """Everything static an objective needs: the graph and where each array comes from."""
+
+    kind: str
+    scg: SCG
+    costs: tuple[tuple[str, str, str, float], ...]
+    num_particles: int
+
+    @property
+    def plate_order(self) -> tuple[str, ...]:
+        return tuple(self.scg.plates)
+
+
+def split_static(tree: Any) -> tuple[list, Callable[[list], Any]]:
+    """Split a pytree into its array leaves and a function that rebuilds it from them (the
+    other leaves, such as Python ints, strings or callables, are kept as they are)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+
+    def rebuild(arrays: list) -> Any:
+        it = iter(arrays)
+        return jax.tree.unflatten(treedef, [next(it) if d else x
+                                            for x, d in zip(leaves, dynamic, strict=True)])
+
+    return [x for x, d in zip(leaves, dynamic, strict=True) if d], rebuild
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tuple,
+            kwargs: dict, num_particles: int) -> Structure:
+    """Trace the program abstractly and build its SCG (see the module docstring)."""
+    dyn, rebuild = split_static((params, args, kwargs))
+    dyn_abstract = [_abstract(x) for x in dyn]
+    key_abstract = _abstract(rng_key)
+    found: dict[str, Any] = {}
+
+    def meta_pass(key, arrays):
+        p, a, kw = rebuild(arrays)
+        traces = run(kind, key, p, programs, a, kw, num_particles)
+        role = sampling_role(kind)
+        sampled = {n: m for n, m in traces[role].items() if _is_latent(m)}
+        found["nodes"] = {n: node_from_message(m, role) for n, m in sampled.items()}
+        found["values"] = {n: _abstract(m["value"]) for n, m in sampled.items()}
+        found["costs"] = cost_sites(kind, traces)
+        found["plates"] = _plates(traces)
+        found["cost_plates"] = {
+            cid: tuple(f.name for f in traces[r][s]["cond_indep_stack"])
+            for cid, r, s, _ in found["costs"]
+        }
+        return None
+
+    jax.eval_shape(meta_pass, key_abstract, dyn_abstract)
+    nodes, costs = found["nodes"], found["costs"]
+    names = list(nodes)
+
+    def flow_pass(values, key, arrays):
+        p, a, kw = rebuild(arrays)
+        traces = run(kind, key, p, programs, a, kw, num_particles, values=values)
+        role = sampling_role(kind)
+        outs = [site_log_prob(traces[role][n]) for n in names]
+        outs += [site_log_prob(traces[r][s]) for _, r, s, _ in costs]
+        return outs
+
+    values = {n: found["values"][n] for n in names}
+    deps = dependencies(flow_pass, values, key_abstract, dyn_abstract)
+    # Inputs are flattened in the order of the `values` dict's sorted keys (pytree order).
+    index_to_name = dict(enumerate(sorted(names)))
+    as_names = [frozenset(index_to_name[i] for i in d if i in index_to_name) for d in deps]
+    parents = {n: as_names[i] - {n} for i, n in enumerate(names)}
+    cost_inputs = {cid: as_names[len(names) + i] for i, (cid, *_) in enumerate(costs)}
+    cost_nodes = {
+        cid: CostNode(cid, site, role, _cost_kind(cid, role, site), sign,
+                      found["cost_plates"][cid])
+        for cid, role, site, sign in costs
+    }
+    scg = SCG(nodes=nodes, costs=cost_nodes, plates=found["plates"], parents=parents,
+              cost_inputs=cost_inputs)
+    return Structure(kind=kind, scg=scg, costs=tuple(costs), num_particles=num_particles)
+
+
+def _cost_kind(cid: str, role: str, site: str) -> str:
+    if cid == site:
+        return "factor"
+    return "-log q" if role == "guide" else "log p"
+
+
+def _plates(traces: dict) -> dict[str, Plate]:
+    plates: dict[str, Plate] = {}
+    for tr in traces.values():
+        for msg in tr.values():
+            for f in msg.get("cond_indep_stack", ()):
+                known = plates.setdefault(f.name, Plate(f.name, f.size, f.full_size))
+                if (known.size, known.full_size) != (f.size, f.full_size):
+                    raise SiteError(
+                        f.name, f"is a plate used with sizes {known.size} and {f.size}; a plate "
+                        "name must always have the same size",
+                    )
+    return plates
+
+
+def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict]:
+    """Per-element arrays of one particle in the canonical plate layout: ``log q`` of every
+    score node and ``sign * scale * log_prob`` of every cost."""
+    order = structure.plate_order
+    role = sampling_role(structure.kind)
+    logq = {
+        n: to_canonical(site_log_prob(traces[role][n]), traces[role][n], order)
+        for n, node in structure.scg.nodes.items() if node.score
+    }
+    costs = {}
+    for cid, r, s, sign in structure.costs:
+        msg = traces[r][s]
+        lp = site_log_prob(msg)
+        if msg.get("scale") is not None:
+            lp = lp * msg["scale"]
+        costs[cid] = to_canonical(sign * lp, msg, order)
+    return logq, costs
+
+
+def graph(model: Callable, guide: Callable | None = None, *args, params: dict | None = None,
+          rng_key: Any = 0, num_particles: int = 1, **kwargs) -> SCG:
+    """The stochastic computation graph of ``guide`` + ``model`` (or of ``model`` alone).
+
+    With a guide, stochastic nodes are the guide's latent sites and costs are the model's
+    log-densities and minus the guide's; without one, the program's latents are the nodes and
+    its factors and observed sites the costs. ``params`` defaults to ``sg.init_params``.
+    Nothing runs: the graph comes from tracing. ``.to_dot()`` renders it.
+
+    Example:
+        >>> import scgjax as sg
+        >>> from scgjax import dist
+        >>> def episode():
+        ...     a = sg.sample("a", dist.Bernoulli(logits=0.0))
+        ...     sg.factor("r0", a * 1.0)
+        ...     b = sg.sample("b", dist.Bernoulli(logits=0.0))
+        ...     sg.factor("r1", a + b)
+        >>> g = sg.graph(episode)
+        >>> g.credited_costs("a"), g.credited_costs("b")
+        (('r0', 'r1'), ('r1',))
+    """
+    rng_key = handlers.as_prng_key(rng_key)
+    if params is None:
+        params = init_params(rng_key, model, guide, *args, **kwargs)
+    kind, programs = (SINGLE, (model,)) if guide is None else (GUIDED, (model, guide))
+    return analyse(kind, rng_key, params, programs, args, kwargs, num_particles).scg

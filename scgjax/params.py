@@ -1,0 +1,92 @@
+"""Initial parameters of a program: collect every ``sg.param`` and ``sg.module``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from numpyro.distributions import biject_to, constraints
+
+from scgjax import handlers
+from scgjax.errors import SiteError
+
+__all__ = ["init_params", "constrain_params"]
+
+
+def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *args,
+                **kwargs) -> dict[str, Any]:
+    """Run ``guide`` then ``model`` (replayed at the guide's latents) and return their params.
+
+    Values are *unconstrained*: a param declared with ``constraint`` is stored as
+    ``biject_to(constraint).inv(value)``; flax modules contribute their weight pytrees. Pass
+    ``guide=None`` for a single program (``sg.Expectation``).
+
+    Example:
+        >>> import scgjax as sg
+        >>> from scgjax import dist
+        >>> from scgjax.dist import constraints
+        >>> def model():
+        ...     s = sg.param("scale", 2.0, constraints.positive)
+        ...     sg.sample("x", dist.Normal(0.0, s), obs=1.0)
+        >>> params = sg.init_params(0, model)
+        >>> round(float(params["scale"]), 4)  # log(2)
+        0.6931
+    """
+    return {n: _unconstrain(m) for n, m in _param_messages(rng_key, model, guide, None,
+                                                            args, kwargs).items()}
+
+
+def _param_messages(rng_key: Any, model: Callable, guide: Callable | None, params: dict | None,
+                    args: tuple, kwargs: dict) -> dict[str, dict]:
+    """Every param site of ``guide`` then ``model`` (replayed at the guide's latents)."""
+    key_guide, key_model = jax.random.split(handlers.as_prng_key(rng_key))
+
+    def prepare(fn, key):
+        if params is not None:
+            fn = handlers.substitute_unconstrained(fn, params)
+        return handlers.seed(fn, key)
+
+    sites: dict[str, Any] = {}
+    model_fn = prepare(model, key_model)
+    if guide is not None:
+        guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
+        sites.update(_param_sites(guide_tr))
+        model_fn = handlers.replay(model_fn, guide_tr)
+    model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
+    for name, msg in _param_sites(model_tr).items():
+        if name in sites:
+            old = jax.tree.map(jax.numpy.shape, sites[name]["value"])
+            new = jax.tree.map(jax.numpy.shape, msg["value"])
+            if old != new:
+                raise SiteError(name, f"is a param declared with shape {old} in the guide and "
+                                f"{new} in the model")
+        else:
+            sites[name] = msg
+    return sites
+
+
+def _param_sites(tr: dict) -> dict:
+    return {n: m for n, m in tr.items() if m["type"] == "param"}
+
+
+def _unconstrain(msg: dict) -> Any:
+    constraint = msg["kwargs"]["constraint"]
+    if constraint is constraints.real:
+        return msg["value"]
+    return biject_to(constraint).inv(msg["value"])
+
+
+def constrain_params(params: dict[str, Any], model: Callable, guide: Callable | None = None,
+                     *args, rng_key: Any = 0, **kwargs) -> dict[str, Any]:
+    """The constrained values of ``params`` (what ``sg.param`` returns inside the program).
+
+    Example:
+        >>> import jax.numpy as jnp, scgjax as sg
+        >>> from scgjax.dist import constraints
+        >>> model = lambda: sg.param("s", 1.0, constraints.positive)
+        >>> round(float(sg.constrain_params({"s": jnp.log(3.0)}, model)["s"]), 4)
+        3.0
+    """
+    sites = _param_messages(rng_key, model, guide, params, args, kwargs)
+    return {name: msg["value"] for name, msg in sites.items()}

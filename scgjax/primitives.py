@@ -1,0 +1,451 @@
+"""The effect system: messages, the handler stack, and the modelling primitives.
+
+A program is a plain Python function that calls :func:`sample`, :func:`param`,
+:func:`factor`, :func:`deterministic` and :func:`module`, possibly inside :class:`plate`
+contexts. Each call builds a *message* (a ``dict``) and sends it through the stack of active
+handlers (:mod:`scgjax.handlers`), innermost first; the handlers may read or rewrite it (give
+it a value, a key, a scale, ...); then the default behaviour fills in whatever is still missing,
+and the handlers see the finished message in reverse order (``postprocess_message``). This is
+the design of Pyro's minipyro and NumPyro's ``primitives.py``; the stack is a module-level
+list that each handler pushes on ``__enter__`` and pops on ``__exit__``, so handlers carry no
+state from one call to the next and can be used freely under ``jit``, ``vmap`` and ``grad``.
+
+Example:
+    >>> import jax
+    >>> import scgjax as sg
+    >>> from scgjax import dist
+    >>> def model():
+    ...     with sg.plate("data", 3):
+    ...         return sg.sample("z", dist.Normal(0.0, 1.0))
+    >>> tr = sg.handlers.trace(sg.handlers.seed(model, jax.random.key(0))).get_trace()
+    >>> tr["z"]["value"].shape, [f.name for f in tr["z"]["cond_indep_stack"]]
+    ((3,), ['data'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import constraints
+from numpyro.distributions.distribution import Distribution
+
+from scgjax import dist as _dist
+from scgjax.errors import SiteError
+
+Message = dict[str, Any]
+
+_HANDLER_STACK: list[Messenger] = []
+
+
+class CondIndepFrame(NamedTuple):
+    """One enclosing plate of a site: its name, batch dimension and (subsampled) size.
+
+    ``size`` is the number of elements the site carries along ``dim`` (the subsample size when
+    the plate subsamples); ``full_size`` is the size of the whole population.
+    """
+
+    name: str
+    dim: int
+    size: int
+    full_size: int
+
+
+class Messenger:
+    """Base class of effect handlers.
+
+    A handler either wraps a function (``handler(fn)(*args)``) or is used as a context manager
+    (``with handler: ...``). Subclasses override :meth:`process_message` (called before the
+    default behaviour, innermost handler first) and/or :meth:`postprocess_message` (called after
+    it, outermost handler first... in reverse order of processing). Per-call state must be set
+    up in :meth:`__enter__` so that one handler object can be reused across ``jit`` calls.
+    """
+
+    def __init__(self, fn: Callable | None = None):
+        self.fn = fn
+
+    def __enter__(self) -> Messenger:
+        _HANDLER_STACK.append(self)
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if _HANDLER_STACK and _HANDLER_STACK[-1] is self:
+            _HANDLER_STACK.pop()
+        elif self in _HANDLER_STACK:  # an exception unwound past inner handlers
+            del _HANDLER_STACK[_HANDLER_STACK.index(self) :]
+
+    def process_message(self, msg: Message) -> None:
+        """Inspect or rewrite ``msg`` before its default behaviour runs."""
+
+    def postprocess_message(self, msg: Message) -> None:
+        """Inspect ``msg`` once its value is known."""
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is None:
+            raise TypeError(f"{type(self).__name__} was built without a function to wrap")
+        with self:
+            return self.fn(*args, **kwargs)
+
+
+def apply_stack(msg: Message) -> Message:
+    """Send ``msg`` through the active handlers and fill in its default value.
+
+    Handlers are visited innermost first; a handler that sets ``msg["stop"]`` hides the message
+    from the handlers outside it (that is how :func:`scgjax.handlers.block` works).
+    """
+    visited = 0
+    for handler in reversed(_HANDLER_STACK):
+        visited += 1
+        handler.process_message(msg)
+        if msg.get("stop"):
+            break
+    if msg["value"] is None:
+        msg["value"] = _DEFAULTS[msg["type"]](msg)
+    if msg["type"] == "sample":
+        _check_sample_value(msg)
+    for handler in _HANDLER_STACK[len(_HANDLER_STACK) - visited :]:
+        handler.postprocess_message(msg)
+    return msg
+
+
+def _default_sample(msg: Message):
+    key = msg["kwargs"].get("rng_key")
+    if key is None:
+        raise SiteError(
+            msg["name"],
+            "needs a PRNG key to draw a value: run the program under "
+            "sg.handlers.seed(fn, rng_key), or inside an objective / sg.SVI",
+        )
+    estimator = msg.get("estimator")
+    if estimator is not None and msg.get("estimator_active"):
+        return estimator.sample(key, msg["fn"])
+    return msg["fn"](rng_key=key)
+
+
+def _default_param(msg: Message):
+    init_value = msg["args"][0]
+    if callable(init_value):
+        key = msg["kwargs"].get("rng_key")
+        if key is None:
+            raise SiteError(
+                msg["name"],
+                "has a callable initialiser and needs a PRNG key: run the program under "
+                "sg.handlers.seed, or use sg.init_params",
+            )
+        return init_value(key)
+    return init_value
+
+
+def _default_plate(msg: Message):
+    size, subsample_size = msg["args"]
+    if subsample_size is None or subsample_size == size:
+        return jnp.arange(size)
+    key = msg["kwargs"].get("rng_key")
+    if key is None:
+        raise SiteError(
+            msg["name"], "subsamples and needs a PRNG key: run it under sg.handlers.seed"
+        )
+    return jax.random.permutation(key, size)[:subsample_size]
+
+
+_DEFAULTS: dict[str, Callable[[Message], Any]] = {
+    "sample": _default_sample,
+    "param": _default_param,
+    "plate": _default_plate,
+    "deterministic": lambda msg: msg["args"][0],
+}
+
+
+def _check_sample_value(msg: Message) -> None:
+    """A value (sampled, observed or replayed) must fit the site's distribution exactly."""
+    fn = msg["fn"]
+    expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
+    shape = tuple(jnp.shape(msg["value"]))
+    if msg.get("is_factor"):
+        return
+    event_ndim = len(fn.event_shape)
+    fits = len(shape) <= len(expected)
+    if fits:
+        try:
+            fits = np.broadcast_shapes(shape, expected) == expected
+        except ValueError:
+            fits = False
+    if fits and event_ndim:
+        fits = shape[len(shape) - event_ndim :] == tuple(fn.event_shape)
+    if not fits:
+        what = "observed value" if msg["is_observed"] else "value"
+        raise SiteError(
+            msg["name"],
+            f"has an {what} of shape {shape}, which does not fit its distribution "
+            f"{type(fn).__name__} with batch shape {tuple(fn.batch_shape)} and event shape "
+            f"{tuple(fn.event_shape)} (plates included)",
+        )
+
+
+def sample(
+    name: str,
+    fn: Distribution,
+    obs: Any = None,
+    *,
+    estimator: Any = None,
+) -> jax.Array:
+    """A random choice: draw from ``fn`` (or score ``obs``) and return the value.
+
+    Args:
+        name: the site's name, unique within a program.
+        fn: a ``numpyro.distributions`` distribution (``scgjax.dist``).
+        obs: observed data; the site is then a cost node ``log fn(obs)`` instead of a latent.
+        estimator: how objectives estimate the gradient through this site (e.g.
+            ``sg.Pathwise()``, ``sg.ScoreFunction()``, ``sg.RLOO()``); ``None`` picks the default
+            (pathwise for reparameterisable distributions, score function otherwise).
+
+    Example:
+        >>> import jax, scgjax as sg
+        >>> from scgjax import dist
+        >>> sg.handlers.seed(lambda: sg.sample("x", dist.Normal(0.0, 1.0)), 0)().shape
+        ()
+    """
+    if not isinstance(fn, Distribution):
+        raise SiteError(name, f"expects a distribution, got {type(fn).__name__}")
+    fn = _dist.fix_known_bugs(fn)
+    msg = {
+        "type": "sample",
+        "name": name,
+        "fn": fn,
+        "args": (),
+        "kwargs": {"rng_key": None},
+        "value": obs,
+        "is_observed": obs is not None,
+        "scale": None,
+        "mask": None,
+        "cond_indep_stack": [],
+        "estimator": estimator,
+        "stop": False,
+    }
+    return apply_stack(msg)["value"]
+
+
+def param(
+    name: str,
+    init_value: Any = None,
+    constraint: constraints.Constraint = constraints.real,
+) -> Any:
+    """A trainable parameter; returns its (constrained) value.
+
+    Params are stored *unconstrained*: ``sg.init_params`` returns
+    ``biject_to(constraint).inv(init_value)`` and objectives map stored values back through
+    ``biject_to(constraint)``. ``init_value`` may be an array, a pytree (e.g. flax parameters,
+    with the ``real`` constraint), or a callable ``rng_key -> value``.
+
+    Example:
+        >>> import jax.numpy as jnp, scgjax as sg
+        >>> from scgjax.dist import constraints
+        >>> float(sg.handlers.seed(lambda: sg.param("s", 2.0, constraints.positive), 0)())
+        2.0
+    """
+    msg = {
+        "type": "param",
+        "name": name,
+        "fn": None,
+        "args": (init_value,),
+        "kwargs": {"rng_key": None, "constraint": constraint},
+        "value": None,
+        "scale": None,
+        "mask": None,
+        "cond_indep_stack": [],
+        "stop": False,
+    }
+    return apply_stack(msg)["value"]
+
+
+def factor(name: str, log_factor: Any) -> None:
+    """Add ``log_factor`` (an array; one element per plate element) to the objective.
+
+    A factor is a cost node: objectives maximise the expected sum of factors and log-densities.
+    Inside plates, ``log_factor`` must have the plates' batch shape (or broadcast to it).
+
+    Example:
+        >>> import jax.numpy as jnp, scgjax as sg
+        >>> tr = sg.handlers.trace(lambda: sg.factor("bonus", jnp.array(1.5))).get_trace()
+        >>> float(tr["bonus"]["fn"].log_prob(tr["bonus"]["value"]))
+        1.5
+    """
+    log_factor = jnp.asarray(log_factor)
+    msg = {
+        "type": "sample",
+        "name": name,
+        "fn": _dist.Unit(log_factor),
+        "args": (),
+        "kwargs": {"rng_key": None},
+        "value": jnp.zeros(jnp.shape(log_factor) + (0,)),
+        "is_observed": True,
+        "is_factor": True,
+        "scale": None,
+        "mask": None,
+        "cond_indep_stack": [],
+        "estimator": None,
+        "stop": False,
+    }
+    apply_stack(msg)
+
+
+def deterministic(name: str, value: Any) -> Any:
+    """Record a deterministic function of other sites in the trace, and return it.
+
+    Example:
+        >>> import scgjax as sg
+        >>> sg.handlers.trace(lambda: sg.deterministic("d", 3.0)).get_trace()["d"]["value"]
+        3.0
+    """
+    msg = {
+        "type": "deterministic",
+        "name": name,
+        "fn": None,
+        "args": (value,),
+        "kwargs": {},
+        "value": None,
+        "scale": None,
+        "mask": None,
+        "cond_indep_stack": [],
+        "stop": False,
+    }
+    return apply_stack(msg)["value"]
+
+
+class plate(Messenger):
+    """Declare ``size`` conditionally independent copies along batch dimension ``dim``.
+
+    Sites inside the context get the plate's batch dimension (distributions are broadcast to
+    it); objectives assign credit element by element along it. With ``subsample_size`` the plate
+    draws that many indices at random (returned by ``__enter__``), and the log-densities of the
+    sites inside are scaled by ``size / subsample_size`` so that the objective stays unbiased.
+
+    Example:
+        >>> import jax, scgjax as sg
+        >>> from scgjax import dist
+        >>> def model():
+        ...     with sg.plate("data", 100, subsample_size=10) as idx:
+        ...         return idx, sg.sample("z", dist.Normal(0.0, 1.0))
+        >>> idx, z = sg.handlers.seed(model, 0)()
+        >>> idx.shape, z.shape
+        ((10,), (10,))
+    """
+
+    def __init__(self, name: str, size: int, dim: int | None = None,
+                 subsample_size: int | None = None):
+        super().__init__()
+        if not isinstance(size, (int, np.integer)) or size < 1:
+            raise SiteError(name, f"is a plate and needs a positive int size, got {size!r}")
+        if subsample_size is not None and not 1 <= subsample_size <= size:
+            raise SiteError(
+                name, f"has subsample_size {subsample_size!r}, which is not in [1, {size}]"
+            )
+        if dim is not None and dim >= 0:
+            raise SiteError(name, f"is a plate and needs a negative dim, got {dim}")
+        self.name = name
+        self.size = int(size)
+        self.subsample_size = None if subsample_size is None else int(subsample_size)
+        self.dim = dim
+        self._frame: CondIndepFrame | None = None
+
+    def __enter__(self) -> jax.Array:
+        used = {h._frame.dim for h in _HANDLER_STACK if isinstance(h, plate) and h._frame}
+        names = {h.name for h in _HANDLER_STACK if isinstance(h, plate) and h._frame}
+        if self.name in names:
+            raise SiteError(self.name, "is a plate nested inside a plate of the same name")
+        if self.dim is None:
+            dim = -1
+            while dim in used:
+                dim -= 1
+        elif self.dim in used:
+            raise SiteError(self.name, f"asks for dim {self.dim}, taken by an enclosing plate")
+        else:
+            dim = self.dim
+        msg = {
+            "type": "plate",
+            "name": self.name,
+            "fn": None,
+            "args": (self.size, self.subsample_size),
+            "kwargs": {"rng_key": None},
+            "value": None,
+            "scale": None,
+            "mask": None,
+            "cond_indep_stack": [],
+            "stop": False,
+        }
+        indices = apply_stack(msg)["value"]
+        n = int(jnp.shape(indices)[0])
+        self._frame = CondIndepFrame(self.name, dim, n, self.size)
+        super().__enter__()
+        return indices
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        self._frame = None
+
+    def process_message(self, msg: Message) -> None:
+        if msg["type"] not in ("sample", "deterministic") or self._frame is None:
+            return
+        frame = self._frame
+        msg["cond_indep_stack"] = [*msg["cond_indep_stack"], frame]
+        if frame.size != frame.full_size:
+            ratio = frame.full_size / frame.size
+            msg["scale"] = ratio if msg["scale"] is None else msg["scale"] * ratio
+        if msg["type"] != "sample":
+            return
+        fn = msg["fn"]
+        batch = tuple(fn.batch_shape)
+        ndim = max(len(batch), -frame.dim)
+        batch = (1,) * (ndim - len(batch)) + batch
+        here = batch[frame.dim]
+        if here not in (1, frame.size):
+            raise SiteError(
+                msg["name"],
+                f"has batch shape {tuple(fn.batch_shape)} whose dim {frame.dim} is {here}, but "
+                f"the enclosing plate '{frame.name}' has size {frame.size}",
+            )
+        if here != frame.size or len(batch) != len(fn.batch_shape):
+            new_batch = list(batch)
+            new_batch[frame.dim] = frame.size
+            msg["fn"] = fn.expand(tuple(new_batch))
+
+
+def module(name: str, nn_module: Any, *example_inputs: Any) -> Callable:
+    """Register a flax module's parameters as one param of the program; return its apply.
+
+    Works with ``flax.linen`` modules (initialised from ``example_inputs`` with a key from
+    :func:`scgjax.handlers.seed`) and ``flax.nnx`` modules (already initialised; their
+    ``nnx.Param`` variables become the param). The returned callable runs the module with the
+    current value of the param, so gradients of an objective reach the network's weights.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, scgjax as sg
+        >>> def prog(x):
+        ...     return sg.module("net", nn.Dense(2), x)(x)
+        >>> sg.handlers.seed(prog, 0)(jnp.ones(3)).shape
+        (2,)
+    """
+    from flax import linen, nnx
+
+    if isinstance(nn_module, linen.Module):
+        def init(rng_key):
+            variables = nn_module.init(rng_key, *example_inputs)
+            extra = sorted(set(variables) - {"params"})
+            if extra:
+                raise SiteError(
+                    name,
+                    f"is a linen module with mutable collections {extra}; only 'params' is "
+                    "supported (use nnx for stateful layers)",
+                )
+            return variables["params"]
+
+        weights = param(name, init)
+        return lambda *args, **kwargs: nn_module.apply({"params": weights}, *args, **kwargs)
+    if isinstance(nn_module, nnx.Module):
+        graphdef, weights, rest = nnx.split(nn_module, nnx.Param, ...)
+        weights = param(name, weights)
+        return lambda *args, **kwargs: nnx.merge(graphdef, weights, rest)(*args, **kwargs)
+    raise SiteError(name, f"expects a flax linen or nnx module, got {type(nn_module).__name__}")

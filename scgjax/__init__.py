@@ -10,7 +10,7 @@ through plates, and is unbiased for gradients of any order (DiCE).
 from scgjax import baselines, dist, handlers
 from scgjax.errors import ScgjaxError, SiteError
 from scgjax.estimators import RLOO, Estimator, Pathwise, ScoreFunction
-from scgjax.graph import SCG
+from scgjax.scg import SCG
 from scgjax.infer import SVI, SVIRunResult, SVIState
 from scgjax.objectives import ELBO, Expectation, Objective, graph
 from scgjax.params import constrain_params, init_params

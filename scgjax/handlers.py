@@ -207,15 +207,17 @@ class substitute_unconstrained(Messenger):
             return
         stored = self.params[msg["name"]]
         init = msg["args"][0]
+        constraint = msg["kwargs"]["constraint"]
         if init is not None and not callable(init):
             want = jax.tree.map(jnp.shape, init)
+            if constraint is not constraints.real:
+                want = biject_to(constraint).inverse_shape(jnp.shape(init))
             have = jax.tree.map(jnp.shape, stored)
             if want != have:
                 raise SiteError(
                     msg["name"],
                     f"is a param declared with shape {want}, but the params hold shape {have}",
                 )
-        constraint = msg["kwargs"]["constraint"]
         if constraint is constraints.real:
             msg["value"] = stored
         else:

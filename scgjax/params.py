@@ -11,7 +11,7 @@ from numpyro.distributions import biject_to, constraints
 from scgjax import handlers
 from scgjax.errors import SiteError
 
-__all__ = ["init_params", "constrain_params"]
+__all__ = ["init_params", "constrain_params", "strong_types"]
 
 
 def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *args,
@@ -33,8 +33,14 @@ def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *a
         >>> round(float(params["scale"]), 4)  # log(2)
         0.6931
     """
-    return {n: _unconstrain(m) for n, m in _param_messages(rng_key, model, guide, None,
-                                                            args, kwargs).items()}
+    sites = _param_messages(rng_key, model, guide, None, args, kwargs)
+    return strong_types({n: _unconstrain(m) for n, m in sites.items()})
+
+
+def strong_types(tree: Any) -> Any:
+    """Every leaf as a JAX array with a definite dtype (no Python scalars, no weak types), so
+    that a jitted step sees the same types on its first call as on every later one."""
+    return jax.tree.map(lambda v: jax.numpy.asarray(v, dtype=jax.numpy.result_type(v)), tree)
 
 
 def _param_messages(rng_key: Any, model: Callable, guide: Callable | None, params: dict | None,

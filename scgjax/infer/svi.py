@@ -13,7 +13,7 @@ import optax
 from scgjax import handlers
 from scgjax.objectives import Objective
 from scgjax.objectives.program import SINGLE, split_static
-from scgjax.params import init_params
+from scgjax.params import init_params, strong_types
 
 __all__ = ["SVI", "SVIState", "SVIRunResult"]
 
@@ -85,6 +85,7 @@ class SVI:
             params = init_params(key_init, self.model, self.guide, *args, **kwargs)
         est_state = self.objective.init_state(key_state, params, *self.programs, *args,
                                               **kwargs)
+        params, est_state = strong_types((params, est_state))
         return SVIState(params, self.optimizer.init(params), est_state, key_run)
 
     def _step(self, state: SVIState, args: tuple, kwargs: dict) -> tuple[SVIState, dict]:

@@ -10,11 +10,11 @@ through plates, and is unbiased for gradients of any order (DiCE).
 from scgjax import baselines, dist, handlers
 from scgjax.errors import ScgjaxError, SiteError
 from scgjax.estimators import RLOO, Estimator, Pathwise, ScoreFunction
-from scgjax.scg import SCG
 from scgjax.infer import SVI, SVIRunResult, SVIState
 from scgjax.objectives import ELBO, Expectation, Objective, graph
 from scgjax.params import constrain_params, init_params
 from scgjax.primitives import deterministic, factor, module, param, plate, sample
+from scgjax.scg import SCG
 
 __version__ = "0.1.0"
 

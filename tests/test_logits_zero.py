@@ -28,9 +28,9 @@ def test_bernoulli_score_at_zero_logits(make):
 
 def test_bernoulli_log_prob_gradient_at_zero():
     def score(value):
-        def log_q(l):
+        def log_q(logit):
             tr = sg.handlers.trace(sg.handlers.substitute(
-                lambda: sg.sample("z", nd.Bernoulli(logits=l)), {"z": value})).get_trace()
+                lambda: sg.sample("z", nd.Bernoulli(logits=logit)), {"z": value})).get_trace()
             return tr["z"]["fn"].log_prob(tr["z"]["value"])
 
         return float(jax.grad(log_q)(0.0))

@@ -27,10 +27,10 @@ import numpy as np
 from scgjax import handlers
 from scgjax.errors import SiteError
 from scgjax.estimators import default_estimator
-from scgjax.scg import SCG, CostNode, Plate, node_from_message, to_canonical
 from scgjax.params import init_params
 from scgjax.primitives import Message, Messenger
 from scgjax.provenance import dependencies
+from scgjax.scg import SCG, CostNode, Plate, node_from_message, to_canonical
 
 GUIDED = "guided"
 SINGLE = "single"

@@ -84,6 +84,8 @@ class trace(Messenger):
         (True, 0.5)
     """
 
+    keeps_state = True
+
     def __enter__(self) -> trace:
         super().__enter__()
         self.trace: Trace = {}
@@ -136,6 +138,8 @@ class seed(Messenger):
         if rng_seed is None:
             raise TypeError("seed needs rng_seed: a PRNG key or an int")
         self.rng_seed = rng_seed
+
+    keeps_state = True
 
     def __enter__(self) -> seed:
         self._key = as_prng_key(self.rng_seed, "rng_seed")

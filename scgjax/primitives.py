@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 from numpyro.distributions import constraints
 from numpyro.distributions.distribution import Distribution
 
@@ -64,10 +65,15 @@ class Messenger:
     up in :meth:`__enter__` so that one handler object can be reused across ``jit`` calls.
     """
 
+    #: handlers that carry per-call state across sites (a trace, a running key) must see every
+    #: site at the JAX trace level they were entered at (see :func:`apply_stack`)
+    keeps_state: bool = False
+
     def __init__(self, fn: Callable | None = None):
         self.fn = fn
 
     def __enter__(self) -> Messenger:
+        self._trace_state = jex_core.get_opaque_trace_state(convention="scgjax")
         _HANDLER_STACK.append(self)
         return self
 
@@ -96,6 +102,7 @@ def apply_stack(msg: Message) -> Message:
     Handlers are visited innermost first; a handler that sets ``msg["stop"]`` hides the message
     from the handlers outside it (that is how :func:`scgjax.handlers.block` works).
     """
+    _check_trace_level(msg)
     visited = 0
     for handler in reversed(_HANDLER_STACK):
         visited += 1
@@ -109,6 +116,22 @@ def apply_stack(msg: Message) -> Message:
     for handler in _HANDLER_STACK[len(_HANDLER_STACK) - visited :]:
         handler.postprocess_message(msg)
     return msg
+
+
+def _check_trace_level(msg: Message) -> None:
+    """A site inside ``lax.scan``/``vmap``/``jit``/``cond`` *within* the program would hand
+    inner-trace values to handlers outside it (numpyro #1685: silently wrong or a leaked
+    tracer); raise a clear error instead."""
+    if not any(h.keeps_state for h in _HANDLER_STACK):
+        return
+    here = jex_core.get_opaque_trace_state(convention="scgjax")
+    if any(h.keeps_state and h._trace_state != here for h in _HANDLER_STACK):
+        raise SiteError(
+            msg["name"],
+            "is inside a JAX transformation (lax.scan, lax.cond, vmap, jit, ...) that the "
+            "program itself applies; scgjax's handlers cannot see through it. Write the loop "
+            "in Python (credit assignment follows the data flow) or use sg.plate",
+        )
 
 
 def _default_sample(msg: Message):

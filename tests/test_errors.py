@@ -127,3 +127,18 @@ def test_wrong_objective_arguments():
         sg.ELBO().loss(jax.random.key(0), {}, model, "not a guide")
     with pytest.raises(TypeError, match="guide=None"):
         sg.SVI(model, model, None, sg.Expectation())
+
+
+def test_sample_inside_lax_scan_is_an_error_not_a_wrong_answer():
+    def program():
+        def body(carry, _):
+            a = sg.sample("a", dist.Bernoulli(logits=0.0))
+            sg.factor("r", a)
+            return carry + a, None
+
+        jax.lax.scan(body, 0.0, jnp.arange(3))
+
+    with pytest.raises(sg.SiteError, match="'a'.*inside a JAX transformation"):
+        sg.Expectation().loss(jax.random.key(0), {}, program)
+    with pytest.raises(sg.SiteError, match="'a'.*lax.scan"):
+        sg.handlers.trace(sg.handlers.seed(program, 0)).get_trace()

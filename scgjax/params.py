@@ -6,12 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from numpyro.distributions import biject_to, constraints
 
 from scgjax import handlers
 from scgjax.errors import SiteError
 
-__all__ = ["init_params", "constrain_params", "strong_types"]
+__all__ = ["init_params", "constrain_params", "split_static", "strong_types"]
 
 
 def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *args,
@@ -33,14 +34,35 @@ def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *a
         >>> round(float(params["scale"]), 4)  # log(2)
         0.6931
     """
-    sites = _param_messages(rng_key, model, guide, None, args, kwargs)
-    return strong_types({n: _unconstrain(m) for n, m in sites.items()})
+    arrays, rebuild = split_static((args, kwargs))
+
+    @jax.jit
+    def initialise(key, arrays):
+        a, kw = rebuild(arrays)
+        sites = _param_messages(key, model, guide, None, a, kw)
+        return {n: _unconstrain(m) for n, m in sites.items()}
+
+    return strong_types(initialise(handlers.as_prng_key(rng_key), arrays))
 
 
 def strong_types(tree: Any) -> Any:
     """Every leaf as a JAX array with a definite dtype (no Python scalars, no weak types), so
     that a jitted step sees the same types on its first call as on every later one."""
     return jax.tree.map(lambda v: jax.numpy.asarray(v, dtype=jax.numpy.result_type(v)), tree)
+
+
+def split_static(tree: Any) -> tuple[list, Callable[[list], Any]]:
+    """Split a pytree into its array leaves and a function that rebuilds it from them (the
+    other leaves, such as Python ints, strings or callables, are kept as they are)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+
+    def rebuild(arrays: list) -> Any:
+        it = iter(arrays)
+        return jax.tree.unflatten(treedef, [next(it) if d else x
+                                            for x, d in zip(leaves, dynamic, strict=True)])
+
+    return [x for x, d in zip(leaves, dynamic, strict=True) if d], rebuild
 
 
 def _param_messages(rng_key: Any, model: Callable, guide: Callable | None, params: dict | None,

@@ -6,14 +6,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from scgjax import handlers
 from scgjax.objectives import Objective
-from scgjax.objectives.program import SINGLE, split_static
-from scgjax.params import init_params, strong_types
+from scgjax.objectives.program import SINGLE
+from scgjax.params import init_params, split_static, strong_types
 
 __all__ = ["SVI", "SVIState", "SVIRunResult"]
 
@@ -138,19 +137,17 @@ class SVI:
         history: dict[str, list] = {}
         bar = _progress(num_steps, progress_bar)
         every = log_every or max(1, num_steps // 100)
-        running = None
         for i in range(num_steps):
             state, metrics = self._update(state, args, kwargs)
             for name, value in metrics.items():
                 history.setdefault(name, []).append(value)
             if bar is not None and (i % every == 0 or i == num_steps - 1):
-                recent = np.asarray(jnp.stack(history["loss"][-every:]))
-                running = float(recent.mean())
+                running = float(np.mean(jax.device_get(history["loss"][-every:])))
                 bar.set_postfix_str(f"objective {-running:.4g}")
                 bar.update(i + 1 - bar.n)
         if bar is not None:
             bar.close()
-        metric_arrays = {k: np.asarray(jnp.stack(v)) for k, v in history.items()}
+        metric_arrays = {k: np.asarray(jax.device_get(v)) for k, v in history.items()}
         losses[:] = metric_arrays.get("loss", losses)
         return SVIRunResult(state.params, state, losses, metric_arrays)
 

@@ -22,12 +22,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from scgjax import handlers
 from scgjax.errors import SiteError
 from scgjax.estimators import default_estimator
-from scgjax.params import init_params
+from scgjax.params import init_params, split_static
 from scgjax.primitives import Message, Messenger
 from scgjax.provenance import dependencies
 from scgjax.scg import SCG, CostNode, Plate, node_from_message, to_canonical
@@ -151,20 +150,6 @@ class Structure:
     @property
     def plate_order(self) -> tuple[str, ...]:
         return tuple(self.scg.plates)
-
-
-def split_static(tree: Any) -> tuple[list, Callable[[list], Any]]:
-    """Split a pytree into its array leaves and a function that rebuilds it from them (the
-    other leaves, such as Python ints, strings or callables, are kept as they are)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
-
-    def rebuild(arrays: list) -> Any:
-        it = iter(arrays)
-        return jax.tree.unflatten(treedef, [next(it) if d else x
-                                            for x, d in zip(leaves, dynamic, strict=True)])
-
-    return [x for x, d in zip(leaves, dynamic, strict=True) if d], rebuild
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:

@@ -25,17 +25,33 @@ import jax.numpy as jnp
 import numpyro.distributions as _nd
 from numpyro.distributions import *  # noqa: F403
 from numpyro.distributions import constraints, transforms  # noqa: F401
-from numpyro.distributions.util import promote_shapes
+
+
+@jax.custom_jvp
+def softplus(x: jax.Array) -> jax.Array:
+    """``log(1 + exp(x))``, stable, with derivative ``sigmoid(x)`` everywhere (also at 0).
+
+    The custom derivative is about twice as cheap as differentiating ``jax.nn.softplus``
+    (a ``logaddexp``), and itself differentiable, so higher derivatives stay exact.
+    """
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return softplus(x), t * jax.nn.sigmoid(x)
 
 
 class BernoulliLogits(_nd.BernoulliLogits):
-    """Bernoulli with logits ``l``: ``log p(y) = l y - softplus(l)`` (right gradient at 0)."""
+    """Bernoulli with logits ``l``: ``log p(y) = l y - softplus(l)`` (right gradient at 0).
+
+    ``softplus`` is taken of the logits before they are broadcast against the value, so a
+    prior's logits shared over a batch are transformed once.
+    """
 
     def log_prob(self, value):
-        logits, value = promote_shapes(self.logits, value)
-        logits = jnp.broadcast_to(logits, jnp.broadcast_shapes(jnp.shape(logits),
-                                                               jnp.shape(value)))
-        return value * logits - jax.nn.softplus(logits)
+        return value * self.logits - softplus(self.logits)
 
 
 def Bernoulli(probs=None, logits=None, *, validate_args=None):  # noqa: N802

@@ -148,7 +148,8 @@ class seed(Messenger):
     def process_message(self, msg: Message) -> None:
         wants_key = (
             (msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None)
-            or (msg["type"] == "plate" and msg["value"] is None)
+            or (msg["type"] == "plate" and msg["value"] is None
+                and msg["args"][1] not in (None, msg["args"][0]))
             or (msg["type"] == "param" and msg["value"] is None and callable(msg["args"][0]))
         )
         if wants_key and msg["kwargs"].get("rng_key") is None:

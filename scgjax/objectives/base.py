@@ -67,7 +67,8 @@ class Objective:
                                  self.num_particles)
             return program.particle_arrays(structure, traces)
 
-        keys = jax.random.split(key, self.num_particles)
+        keys = key[None] if self.num_particles == 1 else jax.random.split(
+            key, self.num_particles)
         logq, costs = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys)
         surrogate, per_particle, new_state = dice_surrogate(structure, logq, costs,
                                                             state or {})

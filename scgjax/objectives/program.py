@@ -74,7 +74,9 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
             tr = handlers.trace(prepare(fn, rng_key)).get_trace(*args, **kwargs)
         return {"program": tr}
     model, guide = programs
-    key_guide, key_model = jax.random.split(rng_key)
+    # The model's key only matters for sites the guide does not replay (rare); derived
+    # lazily so that XLA drops it when unused.
+    key_guide, key_model = rng_key, jax.random.fold_in(rng_key, 1)
     with estimate(num_particles=num_particles):
         guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
     model_fn = handlers.replay(prepare(model, key_model), guide_tr)
@@ -233,14 +235,21 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict]:
     score node and ``sign * scale * log_prob`` of every cost."""
     order = structure.plate_order
     role = sampling_role(structure.kind)
+    log_probs: dict[tuple[str, str], jax.Array] = {}
+
+    def log_prob(r: str, name: str) -> jax.Array:  # each site's density computed once
+        if (r, name) not in log_probs:
+            log_probs[r, name] = site_log_prob(traces[r][name])
+        return log_probs[r, name]
+
     logq = {
-        n: to_canonical(site_log_prob(traces[role][n]), traces[role][n], order)
+        n: to_canonical(log_prob(role, n), traces[role][n], order)
         for n, node in structure.scg.nodes.items() if node.score
     }
     costs = {}
     for cid, r, s, sign in structure.costs:
         msg = traces[r][s]
-        lp = site_log_prob(msg)
+        lp = log_prob(r, s)
         if msg.get("scale") is not None:
             lp = lp * msg["scale"]
         costs[cid] = to_canonical(sign * lp, msg, order)

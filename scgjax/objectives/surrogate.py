@@ -44,16 +44,18 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
     k = structure.num_particles
     total = jnp.zeros((k,))
     score_nodes = [n for n, node in scg.nodes.items() if node.score]
+    # Costs of the same shape with the same upstream nodes share one box: sum them first.
+    groups: dict[tuple, jax.Array] = {}
     for cid, cost in costs.items():
-        lam = None
-        for w in scg.upstream(cid):
-            if w not in logq:
-                continue
-            keep = scg.plate_mask(scg.shared_plates(w, cid))
-            part = reduce_to(logq[w], keep)
-            lam = part if lam is None else lam + part
-        boxed = cost if lam is None else magic_box(lam) * cost
-        total = total + boxed.reshape(k, -1).sum(axis=1)
+        upstream = tuple((w, scg.plate_mask(scg.shared_plates(w, cid)))
+                         for w in scg.upstream(cid) if w in logq)
+        key = (upstream, cost.shape)
+        groups[key] = cost if key not in groups else groups[key] + cost
+    for (upstream, _), cost in groups.items():
+        if upstream:
+            lam = sum(reduce_to(logq[w], keep) for w, keep in upstream)
+            cost = magic_box(lam) * cost
+        total = total + cost.reshape(k, -1).sum(axis=1)
     surrogate = total.mean()
     new_state = dict(state)
     for w in score_nodes:

@@ -208,6 +208,24 @@ def _check_sample_value(msg: Message) -> None:
         )
 
 
+def new_message(kind: str, name: str, *, fn: Any = None, args: tuple = (),
+                kwargs: dict | None = None, value: Any = None, **fields: Any) -> Message:
+    """A fresh message of type ``kind`` with every field handlers may read or write."""
+    return {
+        "type": kind,
+        "name": name,
+        "fn": fn,
+        "args": args,
+        "kwargs": {} if kwargs is None else kwargs,
+        "value": value,
+        "scale": None,
+        "mask": None,
+        "cond_indep_stack": [],
+        "stop": False,
+        **fields,
+    }
+
+
 def sample(
     name: str,
     fn: Distribution,
@@ -234,20 +252,8 @@ def sample(
     if not isinstance(fn, Distribution):
         raise SiteError(name, f"expects a distribution, got {type(fn).__name__}")
     fn = _dist.fix_known_bugs(fn)
-    msg = {
-        "type": "sample",
-        "name": name,
-        "fn": fn,
-        "args": (),
-        "kwargs": {"rng_key": None},
-        "value": obs,
-        "is_observed": obs is not None,
-        "scale": None,
-        "mask": None,
-        "cond_indep_stack": [],
-        "estimator": estimator,
-        "stop": False,
-    }
+    msg = new_message("sample", name, fn=fn, kwargs={"rng_key": None}, value=obs,
+                      is_observed=obs is not None, estimator=estimator)
     return apply_stack(msg)["value"]
 
 
@@ -269,18 +275,8 @@ def param(
         >>> float(sg.handlers.seed(lambda: sg.param("s", 2.0, constraints.positive), 0)())
         2.0
     """
-    msg = {
-        "type": "param",
-        "name": name,
-        "fn": None,
-        "args": (init_value,),
-        "kwargs": {"rng_key": None, "constraint": constraint},
-        "value": None,
-        "scale": None,
-        "mask": None,
-        "cond_indep_stack": [],
-        "stop": False,
-    }
+    msg = new_message("param", name, args=(init_value,),
+                      kwargs={"rng_key": None, "constraint": constraint})
     return apply_stack(msg)["value"]
 
 
@@ -297,21 +293,9 @@ def factor(name: str, log_factor: Any) -> None:
         1.5
     """
     log_factor = jnp.asarray(log_factor)
-    msg = {
-        "type": "sample",
-        "name": name,
-        "fn": _dist.Unit(log_factor),
-        "args": (),
-        "kwargs": {"rng_key": None},
-        "value": jnp.zeros(jnp.shape(log_factor) + (0,)),
-        "is_observed": True,
-        "is_factor": True,
-        "scale": None,
-        "mask": None,
-        "cond_indep_stack": [],
-        "estimator": None,
-        "stop": False,
-    }
+    msg = new_message("sample", name, fn=_dist.Unit(log_factor), kwargs={"rng_key": None},
+                      value=jnp.zeros(jnp.shape(log_factor) + (0,)), is_observed=True,
+                      is_factor=True, estimator=None)
     apply_stack(msg)
 
 
@@ -323,18 +307,7 @@ def deterministic(name: str, value: Any) -> Any:
         >>> sg.handlers.trace(lambda: sg.deterministic("d", 3.0)).get_trace()["d"]["value"]
         3.0
     """
-    msg = {
-        "type": "deterministic",
-        "name": name,
-        "fn": None,
-        "args": (value,),
-        "kwargs": {},
-        "value": None,
-        "scale": None,
-        "mask": None,
-        "cond_indep_stack": [],
-        "stop": False,
-    }
+    msg = new_message("deterministic", name, args=(value,))
     return apply_stack(msg)["value"]
 
 
@@ -387,18 +360,8 @@ class plate(Messenger):
             raise SiteError(self.name, f"asks for dim {self.dim}, taken by an enclosing plate")
         else:
             dim = self.dim
-        msg = {
-            "type": "plate",
-            "name": self.name,
-            "fn": None,
-            "args": (self.size, self.subsample_size),
-            "kwargs": {"rng_key": None},
-            "value": None,
-            "scale": None,
-            "mask": None,
-            "cond_indep_stack": [],
-            "stop": False,
-        }
+        msg = new_message("plate", self.name, args=(self.size, self.subsample_size),
+                          kwargs={"rng_key": None})
         indices = apply_stack(msg)["value"]
         n = int(jnp.shape(indices)[0])
         self._frame = CondIndepFrame(self.name, dim, n, self.size)

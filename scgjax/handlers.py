@@ -30,6 +30,7 @@ from scgjax.primitives import Message, Messenger
 
 __all__ = [
     "Messenger",
+    "assign_estimators",
     "block",
     "condition",
     "mask",
@@ -371,3 +372,42 @@ class mask(Messenger):
     def process_message(self, msg: Message) -> None:
         if msg["type"] == "sample":
             msg["mask"] = self.mask if msg["mask"] is None else msg["mask"] & self.mask
+
+
+class assign_estimators(Messenger):
+    """Choose the gradient estimators of latent sites by name, from outside the program.
+
+    Overrides the ``estimator=`` written at the sample statement, so estimators can be
+    compared without editing a model. A name that matches no latent site of the program is an
+    error (a misspelt site would otherwise silently keep its default).
+
+    Example:
+        >>> import scgjax as sg
+        >>> from scgjax import dist
+        >>> guide = lambda: sg.sample("z", dist.Bernoulli(logits=0.0))
+        >>> g = sg.graph(guide, sg.handlers.assign_estimators(guide, {"z": sg.RLOO()}),
+        ...              num_particles=2)
+        >>> g.nodes["z"].estimator
+        RLOO()
+    """
+
+    def __init__(self, fn: Callable | None = None, estimators: dict | None = None):
+        super().__init__(fn)
+        self.estimators = dict(estimators or {})
+
+    def __enter__(self) -> assign_estimators:
+        self._seen: set[str] = set()
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        missing = sorted(set(self.estimators) - self._seen)
+        if exc_type is None and missing:
+            raise SiteError(missing[0], "was given an estimator by assign_estimators, but the "
+                            "program has no latent site of that name")
+
+    def process_message(self, msg: Message) -> None:
+        if (msg["type"] == "sample" and not msg["is_observed"]
+                and msg["name"] in self.estimators):
+            msg["estimator"] = self.estimators[msg["name"]]
+            self._seen.add(msg["name"])

@@ -39,8 +39,10 @@ def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *a
     @jax.jit
     def initialise(key, arrays):
         a, kw = rebuild(arrays)
-        sites = _param_messages(key, model, guide, None, a, kw)
-        return {n: _unconstrain(m) for n, m in sites.items()}
+        sites, traces = _param_messages(key, model, guide, None, a, kw)
+        out = {n: _unconstrain(m) for n, m in sites.items()}
+        out.update(_estimator_params(jax.random.fold_in(key, 2), traces))
+        return out
 
     return strong_types(initialise(handlers.as_prng_key(rng_key), arrays))
 
@@ -65,9 +67,26 @@ def split_static(tree: Any) -> tuple[list, Callable[[list], Any]]:
     return [x for x, d in zip(leaves, dynamic, strict=True) if d], rebuild
 
 
+def _estimator_params(rng_key: jax.Array, traces: list[dict]) -> dict[str, Any]:
+    """Trainable parameters of the estimators chosen at sample sites, as ``"<site>$<key>"``."""
+    out: dict[str, Any] = {}
+    seen: set[str] = set()
+    for tr in traces:
+        for name, msg in tr.items():
+            est = msg.get("estimator") if msg["type"] == "sample" else None
+            if est is None or name in seen:
+                continue
+            seen.add(name)
+            key = jax.random.fold_in(rng_key, len(seen))
+            for k, v in est.init_params(key, msg).items():
+                out[f"{name}${k}"] = v
+    return out
+
+
 def _param_messages(rng_key: Any, model: Callable, guide: Callable | None, params: dict | None,
-                    args: tuple, kwargs: dict) -> dict[str, dict]:
-    """Every param site of ``guide`` then ``model`` (replayed at the guide's latents)."""
+                    args: tuple, kwargs: dict) -> tuple[dict[str, dict], list[dict]]:
+    """Every param site of ``guide`` then ``model`` (replayed at the guide's latents), and the
+    traces (guide first)."""
     key_guide, key_model = jax.random.split(handlers.as_prng_key(rng_key))
 
     def prepare(fn, key):
@@ -76,12 +95,15 @@ def _param_messages(rng_key: Any, model: Callable, guide: Callable | None, param
         return handlers.seed(fn, key)
 
     sites: dict[str, Any] = {}
+    traces = []
     model_fn = prepare(model, key_model)
     if guide is not None:
         guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
         sites.update(_param_sites(guide_tr))
+        traces.append(guide_tr)
         model_fn = handlers.replay(model_fn, guide_tr)
     model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
+    traces.append(model_tr)
     for name, msg in _param_sites(model_tr).items():
         if name in sites:
             old = jax.tree.map(jax.numpy.shape, sites[name]["value"])
@@ -91,7 +113,7 @@ def _param_messages(rng_key: Any, model: Callable, guide: Callable | None, param
                                 f"{new} in the model")
         else:
             sites[name] = msg
-    return sites
+    return sites, traces
 
 
 def _param_sites(tr: dict) -> dict:
@@ -116,5 +138,5 @@ def constrain_params(params: dict[str, Any], model: Callable, guide: Callable | 
         >>> round(float(sg.constrain_params({"s": jnp.log(3.0)}, model)["s"]), 4)
         3.0
     """
-    sites = _param_messages(rng_key, model, guide, params, args, kwargs)
+    sites, _ = _param_messages(rng_key, model, guide, params, args, kwargs)
     return {name: msg["value"] for name, msg in sites.items()}

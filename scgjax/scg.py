@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from scgjax.primitives import Message
 
 __all__ = ["Plate", "StochasticNode", "CostNode", "SCG", "canonical_plate_shape",
-           "to_canonical"]
+           "from_canonical", "to_canonical"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,12 @@ class StochasticNode:
     batch_shape: tuple[int, ...]
     event_shape: tuple[int, ...]
     unplated_dims: tuple[int, ...]
+    plate_dims: tuple[int, ...] = ()
+    value_dtype: Any = None
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        return self.batch_shape + self.event_shape
 
     @property
     def score(self) -> bool:
@@ -225,6 +231,8 @@ def node_from_message(msg: Message, role: str) -> StochasticNode:
         batch_shape=batch,
         event_shape=tuple(fn.event_shape),
         unplated_dims=tuple(d - len(batch) for d in range(len(batch)) if d not in plated),
+        plate_dims=tuple(f.dim for f in frames),
+        value_dtype=jnp.result_type(msg["value"]),
     )
 
 
@@ -262,3 +270,22 @@ def to_canonical(log_prob: Any, msg: Message, plate_order: tuple[str, ...]) -> A
     for p in plate_order:
         shape.append(next(sizes) if p in axis_of else 1)
     return jnp.reshape(log_prob, tuple(shape))
+
+
+def from_canonical(x: Any, node: StochasticNode, plate_order: tuple[str, ...],
+                   event: bool = True) -> Any:
+    """Undo :func:`to_canonical` for per-particle arrays: ``(K, *plates)`` to an array that
+    broadcasts against the node's values ``(K, *batch_shape, *event_shape)`` (size 1 along
+    the dims that were summed, and along the event dims when ``event``)."""
+    k = x.shape[0]
+    mine = [p for p in plate_order if p in node.plates]
+    x = x.reshape((k, *(x.shape[1 + i] for i, p in enumerate(plate_order) if p in node.plates)))
+    dim_of = dict(zip(node.plates, node.plate_dims, strict=True))
+    order = sorted(mine, key=dim_of.get)  # plates in the order of their batch dims
+    x = jnp.transpose(x, (0, *(1 + mine.index(p) for p in order)))
+    shape = [1] * len(node.batch_shape)
+    sizes = dict(zip(order, x.shape[1:], strict=True))
+    for p in order:
+        shape[len(node.batch_shape) + dim_of[p]] = sizes[p]
+    shape = (k, *shape, *((1,) * len(node.event_shape) if event else ()))
+    return x.reshape(shape)

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import scgjax as sg
@@ -143,3 +144,22 @@ def test_linen_and_nnx_modules_become_params():
     grads = jax.grad(lambda p: sg.Expectation().loss(jax.random.key(0), p, model, x))(params)
     leaves = jax.tree.leaves(grads)
     assert len(leaves) == 4 and all(float(jnp.abs(g).sum()) > 0 for g in leaves)
+
+
+def test_assign_estimators_by_name_from_outside():
+    x = jnp.linspace(-1.0, 1.0, 8)
+
+    def guide(x):
+        with sg.plate("data", 8):
+            sg.sample("z", dist.Bernoulli(logits=sg.param("l", 0.0) * x))
+
+    def model(x):
+        with sg.plate("data", 8):
+            sg.sample("z", dist.Bernoulli(logits=0.0))
+
+    assigned = sg.handlers.assign_estimators(guide, {"z": sg.ScoreFunction()})
+    g = sg.graph(model, assigned, x, num_particles=3)
+    assert g.nodes["z"].estimator == sg.ScoreFunction()
+    misspelt = sg.handlers.assign_estimators(guide, {"zz": sg.RLOO()})
+    with pytest.raises(sg.SiteError, match="'zz'.*no latent site"):
+        sg.graph(model, misspelt, x)

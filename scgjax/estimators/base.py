@@ -39,16 +39,25 @@ def magic_box(x: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ScoreContext:
-    """What a score node's estimator sees when it builds its surrogate term.
+    """What a site's estimator sees when it builds its surrogate term.
+
+    Arrays carry a leading particle axis ``K``. Per-element arrays (``log_prob``,
+    ``learning_signal``) have one axis per plate of the program (the canonical layout);
+    ``to_value_layout`` maps them to the layout of the site's values.
 
     Attributes:
         name: the site's name.
-        log_prob: ``log q(w)`` per particle and plate element, shape ``(K, *plates)``,
-            differentiable in the parameters.
+        log_prob: ``log q(w)`` per particle and plate element, differentiable in the parameters.
         learning_signal: ``Q_w``, the sum of the costs downstream of ``w``, credited element by
-            element through plates, same shape, gradient stopped.
+            element through plates, gradient stopped.
         state: this site's estimator state (see :meth:`Estimator.init_state`).
         num_particles: ``K``.
+        value: the sampled values, ``(K, *batch_shape, *event_shape)``, gradient stopped.
+        collected: whatever :meth:`Estimator.collect` returned inside each particle, stacked.
+        signal_grad: ``dQ_w / dw`` at the sampled values, same shape as ``value`` (the cost as
+            a function of a real-valued ``w``), when the estimator sets ``needs_signal_grad``.
+        params: this estimator's trainable parameters (see :meth:`Estimator.init_params`).
+        to_value_layout: maps a ``(K, *plates)`` array to one that broadcasts against ``value``.
     """
 
     name: str
@@ -56,6 +65,11 @@ class ScoreContext:
     learning_signal: jax.Array
     state: Any
     num_particles: int
+    value: jax.Array | None = None
+    collected: Any = None
+    signal_grad: jax.Array | None = None
+    params: Any = None
+    to_value_layout: Any = None
 
 
 class Estimator:
@@ -63,19 +77,46 @@ class Estimator:
 
     Class attributes:
         reparameterised: the sampled value carries a pathwise gradient.
-        score: the site's log-density enters the surrogate (score-function family).
+        score: the site's log-density enters the DiCE box of its downstream costs.
+        uses_signal: :meth:`surrogate_term` is called for the site (default: ``score``).
+        needs_signal_grad: the context carries ``dQ/dw`` at the sample (for Taylor control
+            variates).
     """
 
     reparameterised: bool = False
     score: bool = True
+    needs_signal_grad: bool = False
+
+    @property
+    def uses_signal(self) -> bool:
+        return self.score
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
         """Raise :class:`~scgjax.errors.SiteError` if this estimator cannot serve the site."""
+
+    def transform_fn(self, fn: Any) -> Any:
+        """The distribution the site uses instead of ``fn``, in the guide *and* the model
+        (e.g. a continuous relaxation). Default: ``fn`` itself."""
+        return fn
 
     def sample(self, rng_key: jax.Array, fn: Any) -> jax.Array:
         """Draw the site's value (inside the particle ``vmap``, axis name ``"particle"``)."""
         value = fn.rsample(rng_key) if self.reparameterised else fn.sample(rng_key)
         return value if self.reparameterised else jax.lax.stop_gradient(value)
+
+    def collect(self, msg: dict) -> Any:
+        """Arrays to keep from the site's message in each particle (e.g. its logits), or
+        ``None``; they reach :meth:`surrogate_term` as ``ctx.collected``."""
+        return None
+
+    def init_params(self, rng_key: jax.Array, msg: dict) -> dict:
+        """This estimator's trainable parameters for the site of ``msg`` (``{}`` if none).
+
+        ``sg.init_params`` stores them as ``params["<site>$<key>"]``; objectives pass them back
+        as ``ctx.params``. An estimator must arrange that its parameters get no gradient from
+        the objective and the program's parameters none from its own training term.
+        """
+        return {}
 
     def init_state(self) -> Any:
         """This estimator's initial state for one site (a pytree; ``{}`` when stateless)."""
@@ -96,6 +137,12 @@ class Estimator:
         b = jax.lax.stop_gradient(jnp.broadcast_to(b, ctx.log_prob.shape))
         term = (1.0 - magic_box(ctx.log_prob)) * b
         return term.sum() / ctx.num_particles, state
+
+
+def zero_value(x: jax.Array) -> jax.Array:
+    """``x - stop_grad(x)``: value 0, gradient that of ``x`` (for training terms that must not
+    change the loss value)."""
+    return x - jax.lax.stop_gradient(x)
 
 
 def require_particles(estimator: Estimator, name: str, num_particles: int, minimum: int) -> None:

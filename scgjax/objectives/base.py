@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from scgjax import handlers
 from scgjax.estimators.base import PARTICLE_AXIS
@@ -50,7 +51,8 @@ class Objective:
     def init_state(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> dict:
         """Initial estimator state, one entry per score-estimated site."""
         scg = self.structure(rng_key, params, *fns_and_args, **kwargs).scg
-        return {n: node.estimator.init_state() for n, node in scg.nodes.items() if node.score}
+        return {n: node.estimator.init_state() for n, node in scg.nodes.items()
+                if node.estimator.uses_signal}
 
     def loss_with_state(self, rng_key: Any, params: dict, state: dict | None, *fns_and_args,
                         **kwargs) -> tuple[jax.Array, tuple[dict, dict]]:
@@ -62,16 +64,35 @@ class Objective:
         structure = program.analyse(self.kind, key, params, programs, args, kwargs,
                                     self.num_particles)
 
-        def one_particle(particle_key):
-            traces = program.run(self.kind, particle_key, params, programs, args, kwargs,
-                                 self.num_particles)
-            return program.particle_arrays(structure, traces)
-
         keys = key[None] if self.num_particles == 1 else jax.random.split(
             key, self.num_particles)
-        logq, costs = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys)
-        surrogate, per_particle, new_state = dice_surrogate(structure, logq, costs,
-                                                            state or {})
+        scg = structure.scg
+        probed = [n for n, node in scg.nodes.items() if node.estimator.needs_signal_grad]
+
+        def particles(probes):
+            def one_particle(particle_key, particle_probes):
+                traces = program.run(self.kind, particle_key, params, programs, args, kwargs,
+                                     self.num_particles, probes=particle_probes)
+                return program.particle_arrays(structure, traces)
+
+            return jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys, probes)
+
+        signal_grads: dict = {}
+        if probed:
+            zeros = {n: jnp.zeros((self.num_particles, *scg.nodes[n].value_shape),
+                                  scg.nodes[n].value_dtype) for n in probed}
+            (logq, costs, extras), pullback = jax.vjp(particles, zeros)
+            for n in probed:  # d(costs credited to n)/d(value of n), in every particle
+                credited = set(scg.credited_costs(n))
+                cotangent = (jax.tree.map(jnp.zeros_like, logq),
+                             {c: jnp.ones_like(v) if c in credited else jnp.zeros_like(v)
+                              for c, v in costs.items()},
+                             jax.tree.map(jnp.zeros_like, extras))
+                signal_grads[n] = jax.lax.stop_gradient(pullback(cotangent)[0][n])
+        else:
+            logq, costs, extras = particles({})
+        surrogate, per_particle, new_state = dice_surrogate(
+            structure, logq, costs, extras, signal_grads, params, state or {})
         metrics = {"objective": per_particle.mean()}
         return -surrogate, (new_state, metrics)
 

@@ -36,31 +36,54 @@ SINGLE = "single"
 
 
 class estimate(Messenger):
-    """Resolve each sampled site's estimator (its own, an override by name, or the default)
-    and let it draw the value. Internal to objectives; ``overrides`` maps names to estimators.
+    """Resolve each sampled site's estimator (its own, or the default), let it transform the
+    distribution and draw the value; optionally add a zero-valued ``probe`` to the value, the
+    input through which objectives differentiate costs with respect to it. Internal to
+    objectives.
     """
 
     def __init__(self, fn: Callable | None = None, num_particles: int = 1,
-                 overrides: dict | None = None):
+                 probes: dict | None = None):
         super().__init__(fn)
         self.num_particles = num_particles
-        self.overrides = overrides or {}
+        self.probes = probes or {}
 
     def process_message(self, msg: Message) -> None:
         if msg["type"] != "sample" or msg["is_observed"]:
             return
-        est = self.overrides.get(msg["name"], msg.get("estimator"))
+        est = msg.get("estimator")
         if est is None:
             est = default_estimator(msg["fn"], self.num_particles)
         est.validate(msg["name"], msg["fn"], self.num_particles)
+        msg["fn"] = est.transform_fn(msg["fn"])
         msg["estimator"] = est
         msg["estimator_active"] = True
 
+    def postprocess_message(self, msg: Message) -> None:
+        if msg["type"] == "sample" and msg["name"] in self.probes:
+            msg["value"] = msg["value"] + self.probes[msg["name"]]
+
+
+class transform_like(Messenger):
+    """Give the model's sites the distribution transform of the guide's estimator for the same
+    name (a relaxation must score the relaxed value under a relaxed model density too)."""
+
+    def __init__(self, fn: Callable | None = None, guide_trace: dict | None = None):
+        super().__init__(fn)
+        self.guide_trace = guide_trace or {}
+
+    def process_message(self, msg: Message) -> None:
+        other = self.guide_trace.get(msg["name"])
+        if msg["type"] == "sample" and other is not None and other.get("estimator"):
+            msg["fn"] = other["estimator"].transform_fn(msg["fn"])
+
 
 def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tuple,
-        kwargs: dict, num_particles: int, values: dict | None = None) -> dict[str, dict]:
+        kwargs: dict, num_particles: int, values: dict | None = None,
+        probes: dict | None = None) -> dict[str, dict]:
     """Run the program(s) once; return the traces by role (``guide``/``model`` or
-    ``program``). ``values`` substitutes the sampled latents (for the data-flow pass)."""
+    ``program``). ``values`` substitutes the sampled latents (for the data-flow pass);
+    ``probes`` are added to the sampled values (see :class:`estimate`)."""
 
     def prepare(fn, key):
         fn = handlers.substitute_unconstrained(fn, params)
@@ -70,16 +93,16 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
 
     if kind == SINGLE:
         (fn,) = programs
-        with estimate(num_particles=num_particles):
+        with estimate(num_particles=num_particles, probes=probes):
             tr = handlers.trace(prepare(fn, rng_key)).get_trace(*args, **kwargs)
         return {"program": tr}
     model, guide = programs
     # The model's key only matters for sites the guide does not replay (rare); derived
     # lazily so that XLA drops it when unused.
     key_guide, key_model = rng_key, jax.random.fold_in(rng_key, 1)
-    with estimate(num_particles=num_particles):
+    with estimate(num_particles=num_particles, probes=probes):
         guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
-    model_fn = handlers.replay(prepare(model, key_model), guide_tr)
+    model_fn = handlers.replay(transform_like(prepare(model, key_model), guide_tr), guide_tr)
     model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
     _check_guided(model_tr, guide_tr)
     return {"guide": guide_tr, "model": model_tr}
@@ -230,9 +253,10 @@ def _plates(traces: dict) -> dict[str, Plate]:
     return plates
 
 
-def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict]:
+def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dict]:
     """Per-element arrays of one particle in the canonical plate layout: ``log q`` of every
-    score node and ``sign * scale * log_prob`` of every cost."""
+    node whose estimator uses its learning signal, ``sign * scale * log_prob`` of every cost,
+    and, per such node, its value and what its estimator collects."""
     order = structure.plate_order
     role = sampling_role(structure.kind)
     log_probs: dict[tuple[str, str], jax.Array] = {}
@@ -242,10 +266,14 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict]:
             log_probs[r, name] = site_log_prob(traces[r][name])
         return log_probs[r, name]
 
-    logq = {
-        n: to_canonical(log_prob(role, n), traces[role][n], order)
-        for n, node in structure.scg.nodes.items() if node.score
-    }
+    signal_nodes = [n for n, node in structure.scg.nodes.items()
+                    if node.estimator.uses_signal]
+    logq = {n: to_canonical(log_prob(role, n), traces[role][n], order) for n in signal_nodes}
+    extras = {}
+    for n in signal_nodes:
+        msg = traces[role][n]
+        extras[n] = {"value": jax.lax.stop_gradient(msg["value"]),
+                     "collected": msg["estimator"].collect(msg)}
     costs = {}
     for cid, r, s, sign in structure.costs:
         msg = traces[r][s]
@@ -253,7 +281,7 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict]:
         if msg.get("scale") is not None:
             lp = lp * msg["scale"]
         costs[cid] = to_canonical(sign * lp, msg, order)
-    return logq, costs
+    return logq, costs, extras
 
 
 def graph(model: Callable, guide: Callable | None = None, *args, params: dict | None = None,

@@ -17,6 +17,7 @@ variate), built from ``Q_w``: the same costs, reduced to ``w``'s elements, gradi
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from scgjax.estimators.base import ScoreContext, magic_box
 from scgjax.objectives.program import Structure
+from scgjax.scg import from_canonical
 
 
 def reduce_to(x: jax.Array, keep: tuple[bool, ...]) -> jax.Array:
@@ -33,22 +35,24 @@ def reduce_to(x: jax.Array, keep: tuple[bool, ...]) -> jax.Array:
 
 
 def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
-                   costs: dict[str, jax.Array], state: dict[str, Any]
+                   costs: dict[str, jax.Array], extras: dict[str, dict],
+                   signal_grads: dict[str, jax.Array], params: dict, state: dict[str, Any]
                    ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
     """Return ``(surrogate, objective estimate per particle, new estimator state)``.
 
-    ``logq`` and ``costs`` hold arrays of shape ``(K, *plates)``; ``state`` the estimator state
-    of each score node (missing entries start from ``estimator.init_state()``).
+    ``logq`` and ``costs`` hold arrays of shape ``(K, *plates)``; ``extras`` each signal
+    node's values and collected arrays; ``signal_grads`` ``dQ/dw`` for the nodes that asked;
+    ``state`` the estimator state of each node (missing entries start from
+    ``estimator.init_state()``).
     """
     scg = structure.scg
     k = structure.num_particles
     total = jnp.zeros((k,))
-    score_nodes = [n for n, node in scg.nodes.items() if node.score]
     # Costs of the same shape with the same upstream nodes share one box: sum them first.
     groups: dict[tuple, jax.Array] = {}
     for cid, cost in costs.items():
         upstream = tuple((w, scg.plate_mask(scg.shared_plates(w, cid)))
-                         for w in scg.upstream(cid) if w in logq)
+                         for w in scg.upstream(cid) if w in logq and scg.nodes[w].score)
         key = (upstream, cost.shape)
         groups[key] = cost if key not in groups else groups[key] + cost
     for (upstream, _), cost in groups.items():
@@ -58,19 +62,26 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
         total = total + cost.reshape(k, -1).sum(axis=1)
     surrogate = total.mean()
     new_state = dict(state)
-    for w in score_nodes:
+    for w in logq:
         node = scg.nodes[w]
         signal = jnp.zeros_like(logq[w])
         for cid in scg.credited_costs(w):
             keep = scg.plate_mask(scg.shared_plates(w, cid))
             signal = signal + reduce_to(costs[cid], keep)
         est = node.estimator
+        prefix = f"{w}$"
         ctx = ScoreContext(
             name=w,
             log_prob=logq[w],
             learning_signal=jax.lax.stop_gradient(signal),
             state=state.get(w, est.init_state()),
             num_particles=k,
+            value=extras[w]["value"],
+            collected=extras[w]["collected"],
+            signal_grad=signal_grads.get(w),
+            params={n[len(prefix):]: v for n, v in params.items() if n.startswith(prefix)},
+            to_value_layout=functools.partial(from_canonical, node=node,
+                                              plate_order=structure.plate_order),
         )
         term, new_state[w] = est.surrogate_term(ctx)
         surrogate = surrogate + term

@@ -67,6 +67,7 @@ class StochasticNode:
     unplated_dims: tuple[int, ...]
     plate_dims: tuple[int, ...] = ()
     value_dtype: Any = None
+    support_size: int | None = None
 
     @property
     def value_shape(self) -> tuple[int, ...]:
@@ -233,7 +234,14 @@ def node_from_message(msg: Message, role: str) -> StochasticNode:
         unplated_dims=tuple(d - len(batch) for d in range(len(batch)) if d not in plated),
         plate_dims=tuple(f.dim for f in frames),
         value_dtype=jnp.result_type(msg["value"]),
+        support_size=_support_size(fn),
     )
+
+
+def _support_size(fn: Any) -> int | None:
+    if not getattr(fn, "has_enumerate_support", False) or fn.event_shape != ():
+        return None
+    return int(fn.enumerate_support(expand=False).shape[0])
 
 
 def _describe(fn: Any) -> str:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from scgjax import handlers
 from scgjax.estimators.base import PARTICLE_AXIS
-from scgjax.objectives import program
+from scgjax.objectives import enumeration, program
 from scgjax.objectives.surrogate import dice_surrogate
 
 
@@ -69,13 +69,32 @@ class Objective:
         scg = structure.scg
         probed = [n for n, node in scg.nodes.items() if node.estimator.needs_signal_grad]
 
+        enumerated = enumeration.enumerated_nodes(structure)
+        enumeration.check(structure, enumerated)
+        sizes = enumeration.support_sizes(structure, enumerated)
+
         def particles(probes):
-            def one_particle(particle_key, particle_probes):
+            def one_config(particle_key, particle_probes, config):
+                index = dict(zip(enumerated, enumeration.config_indices(config, sizes),
+                                 strict=True))
                 traces = program.run(self.kind, particle_key, params, programs, args, kwargs,
-                                     self.num_particles, probes=particle_probes)
+                                     self.num_particles, probes=particle_probes,
+                                     enum_index=index)
                 return program.particle_arrays(structure, traces)
 
-            return jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys, probes)
+            def one_particle(particle_key, particle_probes):
+                if not enumerated:
+                    return one_config(particle_key, particle_probes, None)
+                configs = jnp.arange(enumeration.num_configs(sizes))
+                return jax.vmap(one_config, in_axes=(None, None, 0))(
+                    particle_key, particle_probes, configs)
+
+            arrays = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys, probes)
+            if not enumerated:
+                return arrays
+            logq, costs, extras = arrays
+            enum_logq = {e: logq[e] for e in enumerated}
+            return enumeration.collapse(structure, enumerated, enum_logq, logq, costs, extras)
 
         signal_grads: dict = {}
         if probed:

@@ -43,10 +43,11 @@ class estimate(Messenger):
     """
 
     def __init__(self, fn: Callable | None = None, num_particles: int = 1,
-                 probes: dict | None = None):
+                 probes: dict | None = None, enum_index: dict | None = None):
         super().__init__(fn)
         self.num_particles = num_particles
         self.probes = probes or {}
+        self.enum_index = enum_index or {}
 
     def process_message(self, msg: Message) -> None:
         if msg["type"] != "sample" or msg["is_observed"]:
@@ -58,6 +59,10 @@ class estimate(Messenger):
         msg["fn"] = est.transform_fn(msg["fn"])
         msg["estimator"] = est
         msg["estimator_active"] = True
+        if msg["name"] in self.enum_index and msg["value"] is None:
+            fn = msg["fn"]
+            support = fn.enumerate_support(expand=False)[self.enum_index[msg["name"]]]
+            msg["value"] = jnp.broadcast_to(support, fn.batch_shape)
 
     def postprocess_message(self, msg: Message) -> None:
         if msg["type"] == "sample" and msg["name"] in self.probes:
@@ -80,10 +85,11 @@ class transform_like(Messenger):
 
 def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tuple,
         kwargs: dict, num_particles: int, values: dict | None = None,
-        probes: dict | None = None) -> dict[str, dict]:
+        probes: dict | None = None, enum_index: dict | None = None) -> dict[str, dict]:
     """Run the program(s) once; return the traces by role (``guide``/``model`` or
     ``program``). ``values`` substitutes the sampled latents (for the data-flow pass);
-    ``probes`` are added to the sampled values (see :class:`estimate`)."""
+    ``probes`` are added to the sampled values and ``enum_index`` picks the support value of
+    enumerated sites (see :class:`estimate`)."""
 
     def prepare(fn, key):
         fn = handlers.substitute_unconstrained(fn, params)
@@ -93,14 +99,14 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
 
     if kind == SINGLE:
         (fn,) = programs
-        with estimate(num_particles=num_particles, probes=probes):
+        with estimate(num_particles=num_particles, probes=probes, enum_index=enum_index):
             tr = handlers.trace(prepare(fn, rng_key)).get_trace(*args, **kwargs)
         return {"program": tr}
     model, guide = programs
     # The model's key only matters for sites the guide does not replay (rare); derived
     # lazily so that XLA drops it when unused.
     key_guide, key_model = rng_key, jax.random.fold_in(rng_key, 1)
-    with estimate(num_particles=num_particles, probes=probes):
+    with estimate(num_particles=num_particles, probes=probes, enum_index=enum_index):
         guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
     model_fn = handlers.replay(transform_like(prepare(model, key_model), guide_tr), guide_tr)
     model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
@@ -268,7 +274,10 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
 
     signal_nodes = [n for n, node in structure.scg.nodes.items()
                     if node.estimator.uses_signal]
-    logq = {n: to_canonical(log_prob(role, n), traces[role][n], order) for n in signal_nodes}
+    enumerated = [n for n, node in structure.scg.nodes.items()
+                  if getattr(node.estimator, "enumerates", False)]
+    logq = {n: to_canonical(log_prob(role, n), traces[role][n], order)
+            for n in signal_nodes + enumerated}
     extras = {}
     for n in signal_nodes:
         msg = traces[role][n]

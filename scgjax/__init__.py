@@ -9,7 +9,7 @@ through plates, and is unbiased for gradients of any order (DiCE).
 
 from scgjax import baselines, dist, handlers
 from scgjax.errors import ScgjaxError, SiteError
-from scgjax.estimators import RLOO, Estimator, Pathwise, ScoreFunction
+from scgjax.estimators import RLOO, Enumerate, Estimator, Pathwise, ScoreFunction
 from scgjax.infer import SVI, SVIRunResult, SVIState
 from scgjax.objectives import ELBO, Expectation, Objective, graph
 from scgjax.params import constrain_params, init_params
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ELBO",
+    "Enumerate",
     "Estimator",
     "Expectation",
     "Objective",

@@ -6,11 +6,12 @@ from typing import Any
 
 from scgjax.baselines import MovingAverage
 from scgjax.estimators.base import Estimator, ScoreContext, magic_box
+from scgjax.estimators.enumerate import Enumerate
 from scgjax.estimators.pathwise import Pathwise
 from scgjax.estimators.rloo import RLOO
 from scgjax.estimators.score_function import ScoreFunction
 
-__all__ = ["Estimator", "Pathwise", "RLOO", "ScoreContext", "ScoreFunction",
+__all__ = ["Enumerate", "Estimator", "Pathwise", "RLOO", "ScoreContext", "ScoreFunction",
            "default_estimator", "magic_box"]
 
 

@@ -19,8 +19,8 @@ def elbo_samples(objective, params, model, guide, *args, num_samples=4000, seed=
 
 @pytest.mark.parametrize(
     "estimator, k",
-    [(None, 1), (sg.ScoreFunction(), 1), (sg.RLOO(), 3)],
-    ids=["default", "score", "rloo3"],
+    [(None, 1), (sg.ScoreFunction(), 1), (sg.RLOO(), 2), (sg.RLOO(), 3), (sg.RLOO(), 5)],
+    ids=["default", "score", "rloo2", "rloo3", "rloo5"],
 )
 def test_plate_mixture(estimator, k):
     x = models.MIX_X
@@ -31,12 +31,15 @@ def test_plate_mixture(estimator, k):
     assert_unbiased(samples, exact)
 
 
-def test_sigmoid_belief_network():
+@pytest.mark.parametrize("estimator, k", [(None, 1), (sg.RLOO(), 2), (sg.RLOO(), 5)],
+                         ids=["default", "rloo2", "rloo5"])
+def test_sigmoid_belief_network(estimator, k):
     params = models.sbn_init()
     x = models.SBN_X
     exact = jax.grad(models.sbn_exact)(params, x)
-    samples = elbo_samples(sg.ELBO(), params, models.sbn_model, models.sbn_guide, x,
-                           num_samples=6000)
+    guide = functools.partial(models.sbn_guide, estimator=estimator)
+    samples = elbo_samples(sg.ELBO(num_particles=k), params, models.sbn_model, guide, x,
+                           num_samples=6000 // k)
     assert_unbiased(samples, exact)
 
 

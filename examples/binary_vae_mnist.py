@@ -16,7 +16,11 @@ given a score-function estimator (``--estimator``)
 - ``score``: REINFORCE with a moving-average baseline,
   ``sg.ScoreFunction(baseline=sg.baselines.MovingAverage(0.9))`` (K = 1 by default);
 - ``rloo``: REINFORCE leave-one-out over K >= 2 samples, ``sg.RLOO()`` (Kool et al. 2019;
-  K = 2 by default).
+  K = 2 by default);
+- ``dcv``: double control variates, ``sg.DCV()`` (Titsias & Shi 2022; K >= 2);
+- ``disarm``: antithetic pairs, ``sg.DisARM()`` (Dong, Mnih & Tucker 2020; K even);
+- ``gumbel`` / ``st``: the Concrete relaxation and its straight-through form at temperature
+  0.5 (Maddison et al. 2017; Jang et al. 2017), biased.
 
 The estimators live in :data:`ESTIMATORS` (name -> :class:`EstimatorChoice`); a new one (DCV,
 DisARM, Gumbel-softmax, straight-through) is one more entry. Each image's ``z`` is in
@@ -80,6 +84,18 @@ ESTIMATORS: dict[str, EstimatorChoice] = {
     "rloo": EstimatorChoice(
         sg.RLOO, default_particles=2, min_particles=2,
         description="REINFORCE leave-one-out over K >= 2 samples"),
+    "dcv": EstimatorChoice(
+        sg.DCV, default_particles=2, min_particles=2,
+        description="double control variates: RLOO plus a learned Taylor control variate"),
+    "disarm": EstimatorChoice(
+        sg.DisARM, default_particles=2, min_particles=2,
+        description="antithetic pairs of particles (K even)"),
+    "gumbel": EstimatorChoice(
+        lambda: sg.GumbelSoftmax(0.5),
+        description="Gumbel-softmax / Concrete relaxation at temperature 0.5 (biased)"),
+    "st": EstimatorChoice(
+        lambda: sg.StraightThrough(0.5),
+        description="straight-through Gumbel-softmax at temperature 0.5 (biased)"),
 }
 
 
@@ -155,8 +171,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, guide = build(estimator)
     print(f"binary VAE: {LATENT_DIM} Bernoulli latents, linear encoder/decoder, estimator "
           f"{estimator}, K={k}, batch {args.batch_size}, Adam lr {args.lr}, {args.steps} steps")
+    # evaluate every estimator on the discrete ELBO (a relaxation trains on a relaxed one)
+    _, discrete_guide = build(sg.ScoreFunction())
     results = common.run_experiment(args, model, guide, sg.ELBO(num_particles=k),
-                                    f"binary VAE ({args.estimator}, K={k})")
+                                    f"binary VAE ({args.estimator}, K={k})",
+                                    eval_guide=discrete_guide)
     return {**results, "estimator": args.estimator, "num_particles": k}
 
 

@@ -9,7 +9,18 @@ through plates, and is unbiased for gradients of any order (DiCE).
 
 from scgjax import baselines, dist, handlers
 from scgjax.errors import ScgjaxError, SiteError
-from scgjax.estimators import RLOO, Enumerate, Estimator, Pathwise, ScoreFunction
+from scgjax.estimators import (
+    ARM,
+    DCV,
+    RLOO,
+    DisARM,
+    Enumerate,
+    Estimator,
+    GumbelSoftmax,
+    Pathwise,
+    ScoreFunction,
+    StraightThrough,
+)
 from scgjax.infer import SVI, SVIRunResult, SVIState
 from scgjax.objectives import ELBO, Expectation, Objective, graph
 from scgjax.params import constrain_params, init_params
@@ -19,10 +30,14 @@ from scgjax.scg import SCG
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARM",
+    "DCV",
+    "DisARM",
     "ELBO",
     "Enumerate",
     "Estimator",
     "Expectation",
+    "GumbelSoftmax",
     "Objective",
     "Pathwise",
     "RLOO",
@@ -33,6 +48,7 @@ __all__ = [
     "ScgjaxError",
     "ScoreFunction",
     "SiteError",
+    "StraightThrough",
     "baselines",
     "constrain_params",
     "deterministic",

@@ -20,9 +20,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as _nd
+from jax.scipy.special import gammaln, logsumexp
 from numpyro.distributions import *  # noqa: F403
 from numpyro.distributions import constraints, transforms  # noqa: F401
 
@@ -77,3 +80,133 @@ def fix_known_bugs(fn: _nd.Distribution) -> _nd.Distribution:
         base = fix_known_bugs(fn.base_dist)
         return fn if base is fn.base_dist else base.mask(fn._mask)
     return fn
+
+
+class _OneHot(constraints.Constraint):
+    """One-hot vectors (a discrete support with one event dimension)."""
+
+    is_discrete = True
+    event_dim = 1
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.all((x == 0) | (x == 1), axis=-1) & (jnp.sum(x, axis=-1) == 1)
+
+    def feasible_like(self, prototype: jax.Array) -> jax.Array:
+        return jax.nn.one_hot(jnp.zeros(jnp.shape(prototype)[:-1], int),
+                              jnp.shape(prototype)[-1], dtype=prototype.dtype)
+
+    def tree_flatten(self):
+        return (), ((), {})
+
+
+one_hot = _OneHot()
+
+
+def _logits_of(logits: Any, probs: Any) -> jax.Array:
+    if (logits is None) == (probs is None):
+        raise ValueError("give exactly one of `logits` or `probs`")
+    if logits is None:
+        return jnp.log(jnp.asarray(probs))
+    return jnp.asarray(logits)
+
+
+class OneHotCategorical(_nd.Distribution):
+    """A categorical distribution over ``n`` classes whose values are one-hot vectors.
+
+    ``log p(y) = sum_i y_i log_softmax(alpha)_i``; event shape ``(n,)``. A model written for
+    it (``y @ means``, ``y @ log_probs``, ...) also accepts the relaxed values of
+    :class:`GumbelSoftmax`, which is why relaxed categorical sites are best written with it.
+    Not reparameterisable (its default estimator is a score-function one).
+
+    Example:
+        >>> d = OneHotCategorical(logits=jnp.log(jnp.array([0.2, 0.3, 0.5])))
+        >>> d.sample(jax.random.key(0)).shape, round(float(d.log_prob(jnp.array([0., 0., 1.]))), 4)
+        ((3,), -0.6931)
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+    support = one_hot
+    pytree_data_fields = ("logits",)
+    has_enumerate_support = True
+
+    def __init__(self, logits: Any = None, probs: Any = None, *, validate_args: Any = None):
+        self.logits = _logits_of(logits, probs)
+        super().__init__(jnp.shape(self.logits)[:-1], jnp.shape(self.logits)[-1:],
+                         validate_args=validate_args)
+
+    @property
+    def probs(self) -> jax.Array:
+        return jax.nn.softmax(self.logits, axis=-1)
+
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
+        shape = tuple(sample_shape) + tuple(self.batch_shape)
+        index = jax.random.categorical(key, self.logits, shape=shape)
+        return jax.nn.one_hot(index, self.event_shape[0], dtype=jnp.result_type(float))
+
+    def log_prob(self, value: jax.Array) -> jax.Array:
+        return jnp.sum(value * jax.nn.log_softmax(self.logits, axis=-1), axis=-1)
+
+    def enumerate_support(self, expand: bool = True) -> jax.Array:
+        n = self.event_shape[0]
+        values = jnp.eye(n).reshape((n,) + (1,) * len(self.batch_shape) + (n,))
+        if expand:
+            values = jnp.broadcast_to(values, (n,) + tuple(self.batch_shape) + (n,))
+        return values
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.probs
+
+
+class RelaxedOneHotCategorical(_nd.Distribution):
+    """The Concrete (Gumbel-softmax) distribution on the simplex (Maddison et al. 2017, Def. 1;
+    Jang et al. 2017).
+
+    ``y = softmax((alpha + g) / tau)`` with ``g_i ~ Gumbel(0, 1)``; density w.r.t. Lebesgue
+    measure on the first ``n - 1`` coordinates
+
+        p(y) = (n - 1)! tau^(n-1) prod_k [ exp(alpha_k) y_k^(-tau-1)
+                                            / sum_i exp(alpha_i) y_i^(-tau) ],
+
+    evaluated in log space; ``y_k`` is clipped at the smallest normal float before its log
+    (at low temperatures coordinates underflow to 0). Reparameterisable; event shape ``(n,)``.
+
+    Example:
+        >>> d = RelaxedOneHotCategorical(0.5, logits=jnp.zeros(3))
+        >>> y = d.rsample(jax.random.key(0))
+        >>> y.shape, bool(jnp.isclose(y.sum(), 1.0))
+        ((3,), True)
+    """
+
+    arg_constraints = {"temperature": constraints.positive, "logits": constraints.real_vector}
+    support = constraints.simplex
+    has_rsample = True
+    reparametrized_params = ["temperature", "logits"]
+    pytree_data_fields = ("temperature", "logits")
+
+    def __init__(self, temperature: Any, logits: Any = None, probs: Any = None, *,
+                 validate_args: Any = None):
+        self.logits = _logits_of(logits, probs)
+        self.temperature = jnp.asarray(temperature, dtype=jnp.result_type(self.logits, float))
+        batch = jax.lax.broadcast_shapes(jnp.shape(self.temperature),
+                                         jnp.shape(self.logits)[:-1])
+        super().__init__(batch, jnp.shape(self.logits)[-1:], validate_args=validate_args)
+
+    def _tau(self) -> jax.Array:
+        return jnp.expand_dims(self.temperature, -1)
+
+    def rsample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
+        shape = tuple(sample_shape) + tuple(self.batch_shape) + tuple(self.event_shape)
+        g = jax.random.gumbel(key, shape, dtype=jnp.result_type(self.logits, float))
+        return jax.nn.softmax((self.logits + g) / self._tau(), axis=-1)
+
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
+        return self.rsample(key, sample_shape)
+
+    def log_prob(self, value: jax.Array) -> jax.Array:
+        n = self.event_shape[0]
+        tau = self._tau()
+        log_y = jnp.log(jnp.clip(value, jnp.finfo(jnp.result_type(value, float)).tiny))
+        return (gammaln(n) + (n - 1) * jnp.log(self.temperature)
+                + jnp.sum(self.logits - (tau + 1.0) * log_y, axis=-1)
+                - n * logsumexp(self.logits - tau * log_y, axis=-1))

@@ -6,12 +6,16 @@ from typing import Any
 
 from scgjax.baselines import MovingAverage
 from scgjax.estimators.base import Estimator, ScoreContext, magic_box
+from scgjax.estimators.dcv import DCV
+from scgjax.estimators.disarm import ARM, DisARM
 from scgjax.estimators.enumerate import Enumerate
 from scgjax.estimators.pathwise import Pathwise
+from scgjax.estimators.relaxation import GumbelSoftmax, StraightThrough
 from scgjax.estimators.rloo import RLOO
 from scgjax.estimators.score_function import ScoreFunction
 
-__all__ = ["Enumerate", "Estimator", "Pathwise", "RLOO", "ScoreContext", "ScoreFunction",
+__all__ = ["ARM", "DCV", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax", "Pathwise",
+           "StraightThrough", "RLOO", "ScoreContext", "ScoreFunction",
            "default_estimator", "magic_box"]
 
 

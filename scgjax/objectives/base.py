@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from scgjax import handlers
+from scgjax.errors import SiteError
 from scgjax.estimators.base import PARTICLE_AXIS
 from scgjax.objectives import enumeration, program
 from scgjax.objectives.surrogate import dice_surrogate
@@ -68,6 +69,13 @@ class Objective:
             key, self.num_particles)
         scg = structure.scg
         probed = [n for n, node in scg.nodes.items() if node.estimator.needs_signal_grad]
+        for n in probed:
+            if not jnp.issubdtype(scg.nodes[n].value_dtype, jnp.floating):
+                raise SiteError(
+                    n, f"uses {type(scg.nodes[n].estimator).__name__}, which differentiates the "
+                    f"costs with respect to the value, but the value is "
+                    f"{scg.nodes[n].value_dtype}; the estimator must sample floats",
+                )
 
         enumerated = enumeration.enumerated_nodes(structure)
         enumeration.check(structure, enumerated)

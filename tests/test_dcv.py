@@ -240,11 +240,14 @@ def test_alpha_is_learned_and_beats_rloo_on_the_toy_problem():
     dcv = _eta_grads(objective, program, params)
     rloo = _eta_grads(objective, functools.partial(toy_program, sg.RLOO()),
                       {"eta": params["eta"]})
-    var_dcv, var_rloo = jnp.var(dcv, 0), jnp.var(rloo, 0)
+    disarm = _eta_grads(objective, functools.partial(toy_program, sg.DisARM()),
+                        {"eta": params["eta"]})
+    var_dcv, var_rloo, var_disarm = jnp.var(dcv, 0), jnp.var(rloo, 0), jnp.var(disarm, 0)
     print(f"alpha {alpha:.5f}; mean per-coordinate variance: DCV {float(var_dcv.mean()):.3e}, "
-          f"RLOO {float(var_rloo.mean()):.3e}")
+          f"RLOO {float(var_rloo.mean()):.3e}, DisARM {float(var_disarm.mean()):.3e}")
     assert float(var_dcv.mean()) < 0.5 * float(var_rloo.mean())
     assert float(jnp.mean(var_dcv < var_rloo)) > 0.9
+    assert float(var_dcv.mean()) < float(var_disarm.mean())
     # Both still estimate the same gradient (the RLOO one at alpha = 0).
     theta = jax.nn.sigmoid(params["eta"])
     exact = (1 - 2 * TOY_T) * theta * (1 - theta)  # d E f / d eta = loss gradient

@@ -7,7 +7,7 @@ loss credits each random choice only with the costs downstream of it, element by
 through plates, and is unbiased for gradients of any order (DiCE).
 """
 
-from scgjax import baselines, dist, handlers
+from scgjax import baselines, diagnostics, dist, handlers
 from scgjax.errors import ScgjaxError, SiteError
 from scgjax.estimators import (
     ARM,
@@ -52,6 +52,7 @@ __all__ = [
     "baselines",
     "constrain_params",
     "deterministic",
+    "diagnostics",
     "dist",
     "factor",
     "graph",

@@ -24,6 +24,9 @@ class Objective:
     """
 
     kind: str = program.GUIDED
+    #: also return each node's learning signal ``Q_w`` as ``metrics["learning_signals"]``
+    #: (for diagnostics; off in training, where metrics are kept for every step)
+    record_signals: bool = False
 
     def __init__(self, num_particles: int = 1):
         if not isinstance(num_particles, int) or num_particles < 1:
@@ -118,9 +121,12 @@ class Objective:
                 signal_grads[n] = jax.lax.stop_gradient(pullback(cotangent)[0][n])
         else:
             logq, costs, extras = particles({})
+        signals: dict | None = {} if self.record_signals else None
         surrogate, per_particle, new_state = dice_surrogate(
-            structure, logq, costs, extras, signal_grads, params, state or {})
+            structure, logq, costs, extras, signal_grads, params, state or {}, signals=signals)
         metrics = {"objective": per_particle.mean()}
+        if signals is not None:
+            metrics["learning_signals"] = signals
         return -surrogate, (new_state, metrics)
 
     def loss(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> jax.Array:

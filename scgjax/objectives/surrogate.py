@@ -36,14 +36,15 @@ def reduce_to(x: jax.Array, keep: tuple[bool, ...]) -> jax.Array:
 
 def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
                    costs: dict[str, jax.Array], extras: dict[str, dict],
-                   signal_grads: dict[str, jax.Array], params: dict, state: dict[str, Any]
+                   signal_grads: dict[str, jax.Array], params: dict, state: dict[str, Any],
+                   signals: dict[str, jax.Array] | None = None
                    ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
     """Return ``(surrogate, objective estimate per particle, new estimator state)``.
 
     ``logq`` and ``costs`` hold arrays of shape ``(K, *plates)``; ``extras`` each signal
     node's values and collected arrays; ``signal_grads`` ``dQ/dw`` for the nodes that asked;
     ``state`` the estimator state of each node (missing entries start from
-    ``estimator.init_state()``).
+    ``estimator.init_state()``). ``signals``, if given, receives each node's ``Q_w``.
     """
     scg = structure.scg
     k = structure.num_particles
@@ -68,6 +69,8 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
         for cid in scg.credited_costs(w):
             keep = scg.plate_mask(scg.shared_plates(w, cid))
             signal = signal + reduce_to(costs[cid], keep)
+        if signals is not None:
+            signals[w] = jax.lax.stop_gradient(signal)
         est = node.estimator
         prefix = f"{w}$"
         ctx = ScoreContext(

@@ -7,54 +7,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as nd
 
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator, ScoreContext, require_particles, zero_value
-
-_WRAPPERS = (nd.Independent, nd.ExpandedDistribution, nd.MaskedDistribution)
-
-
-def _bernoulli_base(fn: Any) -> Any:
-    """The Bernoulli inside ``Independent`` / ``ExpandedDistribution`` / ``MaskedDistribution``
-    wrappers, or ``None`` when ``fn`` is not such a Bernoulli."""
-    while isinstance(fn, _WRAPPERS):
-        fn = fn.base_dist
-    return fn if isinstance(fn, (nd.BernoulliLogits, nd.BernoulliProbs)) else None
-
-
-def _logits(base: Any) -> jax.Array:
-    if isinstance(base, nd.BernoulliLogits):
-        return base.logits
-    p = base.probs
-    return jnp.log(p) - jnp.log1p(-p)
-
-
-def _element_mask(fn: Any, site_mask: Any) -> jax.Array | None:
-    """Per-element mask in the value layout (``batch_shape + event_shape``) from
-    ``MaskedDistribution`` wrappers and the message's mask (``sg.handlers.mask``), or ``None``.
-
-    Each wrapper's value shape right-aligns with the site's, so a mask on a wrapper's batch
-    dimensions is padded with its event dimensions and broadcast."""
-    shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
-    mask = None
-
-    def add(m: Any, level: Any) -> None:
-        nonlocal mask
-        m = jnp.broadcast_to(jnp.asarray(m, bool), tuple(level.batch_shape))
-        m = jnp.broadcast_to(m.reshape(m.shape + (1,) * len(level.event_shape)), shape)
-        mask = m if mask is None else mask & m
-
-    if site_mask is not None:
-        add(site_mask, fn)
-    level = fn
-    while isinstance(level, _WRAPPERS):
-        if isinstance(level, nd.MaskedDistribution) and not isinstance(level._mask, bool):
-            add(level._mask, level)
-        elif isinstance(level, nd.MaskedDistribution) and level._mask is False:
-            add(False, level)
-        level = level.base_dist
-    return mask
+from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +83,7 @@ class DCV(Estimator):
         return True
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
-        if _bernoulli_base(fn) is None:
+        if bernoulli_parts(fn) is None:
             raise SiteError(
                 name,
                 f"uses DCV, but its distribution is {type(fn).__name__}; DCV needs a Bernoulli "
@@ -141,13 +97,7 @@ class DCV(Estimator):
         return jax.lax.stop_gradient(fn.sample(rng_key).astype(jnp.result_type(float)))
 
     def collect(self, msg: dict) -> dict:
-        fn = msg["fn"]
-        shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
-        out = {"logits": jnp.broadcast_to(_logits(_bernoulli_base(fn)), shape)}
-        mask = _element_mask(fn, msg.get("mask"))
-        if mask is not None:
-            out["mask"] = mask
-        return out
+        return logits_and_keep(msg)
 
     def init_params(self, rng_key: jax.Array, msg: dict) -> dict:
         return {"alpha": jnp.asarray(self.alpha_init, jnp.float32)}
@@ -166,9 +116,8 @@ class DCV(Estimator):
         theta = jax.nn.sigmoid(stop(eta))
         dz = ctx.value.astype(theta.dtype) - theta
         var = theta * (1.0 - theta)
-        if "mask" in ctx.collected:
-            mask = ctx.collected["mask"].astype(theta.dtype)
-            dz, var = dz * mask, var * mask
+        keep = ctx.collected["keep"].astype(theta.dtype)
+        dz, var = dz * keep, var * keep
         f = stop(ctx.to_value_layout(ctx.learning_signal))  # size 1 along the block dims
         g = stop(ctx.signal_grad).astype(theta.dtype)
         block = tuple(a for a in range(1, dz.ndim) if f.shape[a] == 1)

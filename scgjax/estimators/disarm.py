@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as nd
 
 from scgjax.errors import SiteError
 from scgjax.estimators.base import (
@@ -31,31 +30,9 @@ from scgjax.estimators.base import (
     require_particles,
     zero_value,
 )
+from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep
 
 __all__ = ["ARM", "DisARM"]
-
-_WRAPPERS = (nd.Independent, nd.ExpandedDistribution, nd.MaskedDistribution)
-_BERNOULLI = (nd.BernoulliLogits, nd.BernoulliProbs)
-
-
-def _bernoulli_parts(fn: Any) -> tuple[jax.Array, jax.Array | None] | None:
-    """``(logits, mask)`` of a (possibly wrapped) Bernoulli, each broadcastable against the
-    values of ``fn`` (right-aligned), or ``None`` if ``fn`` is not a Bernoulli."""
-    if isinstance(fn, _BERNOULLI):
-        return fn.logits, None
-    if not isinstance(fn, _WRAPPERS):
-        return None
-    inner = _bernoulli_parts(fn.base_dist)
-    if inner is None:
-        return None
-    logits, mask = inner
-    if isinstance(fn, nd.MaskedDistribution) and fn._mask is not True:
-        # The mask is over the batch shape; pad it with the event dims to reach value layout.
-        own = jnp.asarray(fn._mask, bool)
-        own = jnp.reshape(own, own.shape + (1,) * len(fn.event_shape))
-        mask = own if mask is None else jnp.logical_and(mask, own)
-    return logits, mask
-
 
 def _particle_index() -> jax.Array | None:
     """The particle's index inside the objective's particle ``vmap``, ``None`` outside it."""
@@ -108,7 +85,7 @@ class _Antithetic(Estimator):
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
         kind = type(self).__name__
-        if _bernoulli_parts(fn) is None:
+        if bernoulli_parts(fn) is None:
             raise SiteError(
                 name,
                 f"uses {kind}, which needs a Bernoulli distribution (logits or probs, possibly "
@@ -123,23 +100,16 @@ class _Antithetic(Estimator):
             )
 
     def sample(self, rng_key: jax.Array, fn: Any) -> jax.Array:
-        logits, _ = _bernoulli_parts(fn)
+        logits, _ = bernoulli_parts(fn)
         shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
         u = antithetic_uniform(rng_key, shape)
         b = u < jax.nn.sigmoid(jnp.broadcast_to(jax.lax.stop_gradient(logits), shape))
         return b.astype(jnp.result_type(b, int))  # numpyro's Bernoulli dtype
 
     def collect(self, msg: dict) -> dict:
-        logits, mask = _bernoulli_parts(msg["fn"])
-        shape = jnp.shape(msg["value"])
-        keep = jnp.ones(shape, bool) if mask is None else jnp.broadcast_to(mask, shape)
-        if msg.get("mask") is not None:  # sg.handlers.mask: over the batch shape
-            site = jnp.reshape(msg["mask"], jnp.shape(msg["mask"])
-                               + (1,) * len(msg["fn"].event_shape))
-            keep = jnp.logical_and(keep, site)
-        out = {"logits": jnp.broadcast_to(logits, shape), "keep": keep}
+        out = logits_and_keep(msg)
         if self._needs_uniform:
-            out["u"] = antithetic_uniform(msg["kwargs"]["rng_key"], shape)
+            out["u"] = antithetic_uniform(msg["kwargs"]["rng_key"], jnp.shape(msg["value"]))
         return out
 
     def coefficients(self, f: jax.Array, b: jax.Array, partner_b: jax.Array,

@@ -29,6 +29,7 @@ from scgjax import dist as _dist
 from scgjax.dist import OneHotCategorical, RelaxedOneHotCategorical
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator
+from scgjax.estimators.bernoulli import WRAPPERS
 
 __all__ = ["GumbelSoftmax", "OneHotCategorical", "RelaxedOneHotCategorical",
            "StraightThrough"]
@@ -68,14 +69,13 @@ class _StraightThroughDistribution(nd.Distribution):
         return self.discrete.log_prob(value)
 
 
-_WRAPPERS = (nd.Independent, nd.ExpandedDistribution, nd.MaskedDistribution)
 _BERNOULLI = (nd.BernoulliLogits, nd.BernoulliProbs)
 _CATEGORICAL = (nd.CategoricalLogits, nd.CategoricalProbs, OneHotCategorical)
 _RELAXED = (nd.RelaxedBernoulliLogits, RelaxedOneHotCategorical, _StraightThroughDistribution)
 
 
 def _base(fn: Any) -> Any:
-    while isinstance(fn, _WRAPPERS):
+    while isinstance(fn, WRAPPERS):
         fn = fn.base_dist
     return fn
 

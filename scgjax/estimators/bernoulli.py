@@ -1,0 +1,55 @@
+"""What the estimators for Bernoulli sites (DCV, ARM, DisARM) share: finding the logits and
+the masked elements of a possibly wrapped Bernoulli site."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as nd
+
+WRAPPERS = (nd.Independent, nd.ExpandedDistribution, nd.MaskedDistribution)
+BERNOULLI = (nd.BernoulliLogits, nd.BernoulliProbs)
+
+
+def bernoulli_parts(fn: Any) -> tuple[jax.Array, jax.Array | None] | None:
+    """``(logits, mask)`` of a Bernoulli inside ``Independent`` / ``ExpandedDistribution`` /
+    ``MaskedDistribution`` wrappers, each broadcastable against the values of ``fn``
+    (right-aligned; ``mask`` is ``None`` when nothing is masked), or ``None`` if ``fn`` is not
+    such a Bernoulli. Probabilities are turned into logits.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from scgjax import dist
+        >>> logits, mask = bernoulli_parts(dist.Bernoulli(logits=jnp.zeros(3)).to_event(1))
+        >>> logits.shape, mask
+        ((3,), None)
+    """
+    if isinstance(fn, BERNOULLI):
+        return fn.logits, None
+    if not isinstance(fn, WRAPPERS):
+        return None
+    inner = bernoulli_parts(fn.base_dist)
+    if inner is None:
+        return None
+    logits, mask = inner
+    if isinstance(fn, nd.MaskedDistribution) and fn._mask is not True:
+        # The mask is over the batch shape; pad it with the event dims to reach value layout.
+        own = jnp.asarray(fn._mask, bool)
+        own = jnp.reshape(own, own.shape + (1,) * len(fn.event_shape))
+        mask = own if mask is None else jnp.logical_and(mask, own)
+    return logits, mask
+
+
+def logits_and_keep(msg: dict) -> dict[str, jax.Array]:
+    """The site's logits and a boolean ``keep`` (False where masked by ``.mask`` or
+    ``sg.handlers.mask``), both in the layout of its value."""
+    logits, mask = bernoulli_parts(msg["fn"])
+    shape = jnp.shape(msg["value"])
+    keep = jnp.ones(shape, bool) if mask is None else jnp.broadcast_to(mask, shape)
+    if msg.get("mask") is not None:  # sg.handlers.mask: over the batch shape
+        site = jnp.reshape(msg["mask"], jnp.shape(msg["mask"])
+                           + (1,) * len(msg["fn"].event_shape))
+        keep = jnp.logical_and(keep, site)
+    return {"logits": jnp.broadcast_to(logits, shape), "keep": keep}

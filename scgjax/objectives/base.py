@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,21 @@ from scgjax.errors import SiteError
 from scgjax.estimators.base import PARTICLE_AXIS
 from scgjax.objectives import enumeration, program
 from scgjax.objectives.surrogate import dice_surrogate
+
+
+class Evaluation(NamedTuple):
+    """The particles of one objective evaluation, before they are assembled into a loss.
+
+    ``logq`` (signal-using nodes) and ``costs`` hold ``(K, *plates)`` arrays in the canonical
+    plate layout; ``extras`` each node's values and collected arrays; ``signal_grads`` the
+    ``dQ/dw`` of the nodes whose estimator asked for it.
+    """
+
+    structure: program.Structure
+    logq: dict
+    costs: dict
+    extras: dict
+    signal_grads: dict
 
 
 class Objective:
@@ -61,6 +76,25 @@ class Objective:
     def loss_with_state(self, rng_key: Any, params: dict, state: dict | None, *fns_and_args,
                         **kwargs) -> tuple[jax.Array, tuple[dict, dict]]:
         """``(loss, (new_state, metrics))``; ``state=None`` starts from the initial state."""
+        evaluation = self.evaluate(rng_key, params, *fns_and_args, **kwargs)
+        return self.assemble(evaluation, params, state or {})
+
+    def assemble(self, evaluation: Evaluation, params: dict, state: dict
+                 ) -> tuple[jax.Array, tuple[dict, dict]]:
+        """The loss from the particles' arrays: minus the DiCE surrogate (what objectives with
+        another estimate of their objective, such as a multi-sample bound, override)."""
+        signals: dict | None = {} if self.record_signals else None
+        surrogate, per_particle, new_state = dice_surrogate(
+            evaluation.structure, evaluation.logq, evaluation.costs, evaluation.extras,
+            evaluation.signal_grads, params, state, signals=signals)
+        metrics = {"objective": per_particle.mean()}
+        if signals is not None:
+            metrics["learning_signals"] = signals
+        return -surrogate, (new_state, metrics)
+
+    def evaluate(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> Evaluation:
+        """Trace the program, run its ``K`` particles (``vmap``; enumerated sites summed out)
+        and return their per-element arrays (see :class:`Evaluation`)."""
         n = 1 if self.kind == program.SINGLE else 2
         programs = self._programs(fns_and_args[:n])
         args = fns_and_args[n:]
@@ -121,13 +155,7 @@ class Objective:
                 signal_grads[n] = jax.lax.stop_gradient(pullback(cotangent)[0][n])
         else:
             logq, costs, extras = particles({})
-        signals: dict | None = {} if self.record_signals else None
-        surrogate, per_particle, new_state = dice_surrogate(
-            structure, logq, costs, extras, signal_grads, params, state or {}, signals=signals)
-        metrics = {"objective": per_particle.mean()}
-        if signals is not None:
-            metrics["learning_signals"] = signals
-        return -surrogate, (new_state, metrics)
+        return Evaluation(structure, logq, costs, extras, signal_grads)
 
     def loss(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> jax.Array:
         """Minus the surrogate objective (see the class docstring)."""

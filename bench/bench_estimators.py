@@ -54,7 +54,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -68,6 +67,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _machine import machine_info
 
 import scgjax as sg
 from scgjax.data import dynamic_binarize
@@ -329,21 +329,6 @@ def time_steps(setups: list[Setup], results: dict[str, Result], x: jax.Array, ro
 
 # --------------------------------------------------------------------------------------------
 # Report
-
-
-def machine_info() -> str:
-    """A one-line description of the machine and software."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs "
-            f"(affinity {len(os.sched_getaffinity(0))}); python {platform.python_version()}, "
-            f"jax {jax.__version__} (backend {jax.default_backend()}, "
-            f"devices {jax.devices()}), optax {optax.__version__}, scgjax {sg.__version__}")
 
 
 def mean_std(values: Sequence[float], fmt: str = ".2f") -> str:

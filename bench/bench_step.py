@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import sys
@@ -51,6 +50,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as nd
 import optax
+from _machine import machine_info
 
 import scgjax as sg
 from scgjax import dist
@@ -396,22 +396,6 @@ def bench_config(batch: int, k: int, rounds: int, steps: int, core: bool) -> lis
     return impls
 
 
-def machine_info() -> str:
-    """A one-line description of the machine and software."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs "
-            f"(affinity {len(os.sched_getaffinity(0))}); python {platform.python_version()}, "
-            f"jax {jax.__version__} (backend {jax.default_backend()}, "
-            f"devices {jax.devices()}), numpyro {numpyro.__version__}, "
-            f"optax {optax.__version__}, scgjax {sg.__version__}")
-
-
 def estimator_name(k: int) -> str:
     """How the scgjax / hand-written step estimates the gradient for this K."""
     return "SF + MA(0.9)" if k == 1 else "RLOO"
@@ -486,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         args.rounds, args.steps_per_round = 3, 5
         settings = [(50, 1), (50, 2)]
         args.check_keys = min(args.check_keys, 200)
-    info = machine_info()
+    info = machine_info(numpyro=numpyro.__version__)
     print(info, flush=True)
     load_before = os.getloadavg()
     results = []

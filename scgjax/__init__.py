@@ -22,7 +22,7 @@ from scgjax.estimators import (
     StraightThrough,
 )
 from scgjax.infer import SVI, SVIRunResult, SVIState
-from scgjax.objectives import ELBO, Expectation, Objective, graph
+from scgjax.objectives import ELBO, AmortisedWakeSleep, Expectation, Objective, graph
 from scgjax.params import constrain_params, init_params
 from scgjax.primitives import deterministic, factor, module, param, plate, sample
 from scgjax.scg import SCG
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARM",
+    "AmortisedWakeSleep",
     "DCV",
     "DisARM",
     "ELBO",

@@ -13,6 +13,7 @@ from scgjax.estimators import (
     ARM,
     DCV,
     RLOO,
+    VIMCO,
     DisARM,
     Enumerate,
     Estimator,
@@ -22,7 +23,14 @@ from scgjax.estimators import (
     StraightThrough,
 )
 from scgjax.infer import SVI, SVIRunResult, SVIState
-from scgjax.objectives import ELBO, AmortisedWakeSleep, Expectation, Objective, graph
+from scgjax.objectives import (
+    ELBO,
+    IWAE,
+    AmortisedWakeSleep,
+    Expectation,
+    Objective,
+    graph,
+)
 from scgjax.params import constrain_params, init_params
 from scgjax.primitives import deterministic, factor, module, param, plate, sample
 from scgjax.scg import SCG
@@ -39,6 +47,7 @@ __all__ = [
     "Estimator",
     "Expectation",
     "GumbelSoftmax",
+    "IWAE",
     "Objective",
     "Pathwise",
     "RLOO",
@@ -50,6 +59,7 @@ __all__ = [
     "ScoreFunction",
     "SiteError",
     "StraightThrough",
+    "VIMCO",
     "baselines",
     "constrain_params",
     "deterministic",

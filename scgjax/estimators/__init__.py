@@ -13,9 +13,10 @@ from scgjax.estimators.pathwise import Pathwise
 from scgjax.estimators.relaxation import GumbelSoftmax, StraightThrough
 from scgjax.estimators.rloo import RLOO
 from scgjax.estimators.score_function import ScoreFunction
+from scgjax.estimators.vimco import VIMCO
 
 __all__ = ["ARM", "DCV", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax", "Pathwise",
-           "StraightThrough", "RLOO", "ScoreContext", "ScoreFunction",
+           "StraightThrough", "VIMCO", "RLOO", "ScoreContext", "ScoreFunction",
            "default_estimator", "magic_box"]
 
 

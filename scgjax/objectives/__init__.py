@@ -4,6 +4,7 @@ from scgjax.objectives.amortised_ws import AmortisedWakeSleep
 from scgjax.objectives.base import Objective
 from scgjax.objectives.elbo import ELBO
 from scgjax.objectives.expectation import Expectation
+from scgjax.objectives.iwae import IWAE
 from scgjax.objectives.program import graph
 
-__all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "Objective", "graph"]
+__all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "IWAE", "Objective", "graph"]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from scgjax import handlers
 from scgjax.errors import SiteError
+from scgjax.estimators import default_estimator
 from scgjax.estimators.base import PARTICLE_AXIS
 from scgjax.objectives import enumeration, program
 from scgjax.objectives.surrogate import dice_surrogate
@@ -51,6 +52,10 @@ class Objective:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_particles={self.num_particles})"
 
+    def default_estimator(self, fn: Any, num_particles: int) -> Any:
+        """The estimator of a sampled site that names none (DESIGN §3 defaults)."""
+        return default_estimator(fn, num_particles)
+
     def _programs(self, fns: tuple) -> tuple:
         want = 1 if self.kind == program.SINGLE else 2
         if len(fns) != want or not all(callable(f) for f in fns):
@@ -65,7 +70,7 @@ class Objective:
         programs = self._programs(fns_and_args[:n])
         key = handlers.as_prng_key(rng_key)
         return program.analyse(self.kind, key, params, programs, fns_and_args[n:], kwargs,
-                               self.num_particles)
+                               self.num_particles, self.default_estimator)
 
     def init_state(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> dict:
         """Initial estimator state, one entry per score-estimated site."""
@@ -100,7 +105,7 @@ class Objective:
         args = fns_and_args[n:]
         key = handlers.as_prng_key(rng_key)
         structure = program.analyse(self.kind, key, params, programs, args, kwargs,
-                                    self.num_particles)
+                                    self.num_particles, self.default_estimator)
 
         keys = key[None] if self.num_particles == 1 else jax.random.split(
             key, self.num_particles)
@@ -124,7 +129,7 @@ class Objective:
                                  strict=True))
                 traces = program.run(self.kind, particle_key, params, programs, args, kwargs,
                                      self.num_particles, probes=particle_probes,
-                                     enum_index=index)
+                                     enum_index=index, default=self.default_estimator)
                 return program.particle_arrays(structure, traces)
 
             def one_particle(particle_key, particle_probes):

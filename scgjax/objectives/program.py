@@ -43,9 +43,11 @@ class estimate(Messenger):
     """
 
     def __init__(self, fn: Callable | None = None, num_particles: int = 1,
-                 probes: dict | None = None, enum_index: dict | None = None):
+                 probes: dict | None = None, enum_index: dict | None = None,
+                 default: Callable = default_estimator):
         super().__init__(fn)
         self.num_particles = num_particles
+        self.default = default
         self.probes = probes or {}
         self.enum_index = enum_index or {}
 
@@ -54,7 +56,7 @@ class estimate(Messenger):
             return
         est = msg.get("estimator")
         if est is None:
-            est = default_estimator(msg["fn"], self.num_particles)
+            est = self.default(msg["fn"], self.num_particles)
         est.validate(msg["name"], msg["fn"], self.num_particles)
         msg["fn"] = est.transform_fn(msg["fn"])
         msg["estimator"] = est
@@ -85,11 +87,13 @@ class transform_like(Messenger):
 
 def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tuple,
         kwargs: dict, num_particles: int, values: dict | None = None,
-        probes: dict | None = None, enum_index: dict | None = None) -> dict[str, dict]:
+        probes: dict | None = None, enum_index: dict | None = None,
+        default: Callable = default_estimator) -> dict[str, dict]:
     """Run the program(s) once; return the traces by role (``guide``/``model`` or
     ``program``). ``values`` substitutes the sampled latents (for the data-flow pass);
     ``probes`` are added to the sampled values and ``enum_index`` picks the support value of
-    enumerated sites (see :class:`estimate`)."""
+    enumerated sites; ``default(fn, K)`` chooses the estimator of sites that name none (see
+    :class:`estimate`)."""
 
     def prepare(fn, key):
         fn = handlers.substitute_unconstrained(fn, params)
@@ -99,14 +103,16 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
 
     if kind == SINGLE:
         (fn,) = programs
-        with estimate(num_particles=num_particles, probes=probes, enum_index=enum_index):
+        with estimate(num_particles=num_particles, probes=probes, enum_index=enum_index,
+                      default=default):
             tr = handlers.trace(prepare(fn, rng_key)).get_trace(*args, **kwargs)
         return {"program": tr}
     model, guide = programs
     # The model's key only matters for sites the guide does not replay (rare); derived
     # lazily so that XLA drops it when unused.
     key_guide, key_model = rng_key, jax.random.fold_in(rng_key, 1)
-    with estimate(num_particles=num_particles, probes=probes, enum_index=enum_index):
+    with estimate(num_particles=num_particles, probes=probes, enum_index=enum_index,
+                      default=default):
         guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
     model_fn = handlers.replay(transform_like(prepare(model, key_model), guide_tr), guide_tr)
     model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
@@ -188,7 +194,8 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
 
 
 def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tuple,
-            kwargs: dict, num_particles: int) -> Structure:
+            kwargs: dict, num_particles: int, default: Callable = default_estimator
+            ) -> Structure:
     """Trace the program abstractly and build its SCG (see the module docstring)."""
     dyn, rebuild = split_static((params, args, kwargs))
     dyn_abstract = [_abstract(x) for x in dyn]
@@ -197,7 +204,7 @@ def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: 
 
     def meta_pass(key, arrays):
         p, a, kw = rebuild(arrays)
-        traces = run(kind, key, p, programs, a, kw, num_particles)
+        traces = run(kind, key, p, programs, a, kw, num_particles, default=default)
         role = sampling_role(kind)
         sampled = {n: m for n, m in traces[role].items() if _is_latent(m)}
         found["nodes"] = {n: node_from_message(m, role) for n, m in sampled.items()}
@@ -216,7 +223,8 @@ def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: 
 
     def flow_pass(values, key, arrays):
         p, a, kw = rebuild(arrays)
-        traces = run(kind, key, p, programs, a, kw, num_particles, values=values)
+        traces = run(kind, key, p, programs, a, kw, num_particles, values=values,
+                     default=default)
         role = sampling_role(kind)
         outs = [site_log_prob(traces[role][n]) for n in names]
         outs += [site_log_prob(traces[r][s]) for _, r, s, _ in costs]

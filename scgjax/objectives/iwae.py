@@ -1,0 +1,160 @@
+"""The importance-weighted bound, IWAE (Burda, Grosse & Salakhutdinov, ICLR 2016).
+
+``L_K = E[log (1/K) sum_k w_k]``, ``log w_k = log p(x, z_k) - log q(z_k | x)``, with ``z_1..z_K``
+drawn independently from the guide. ``L_1`` is the ELBO, ``L_K <= L_{K+1} <= log p(x)``.
+Score-estimated guide sites use the score function for the bound, optionally with VIMCO's
+leave-one-out baselines (Mnih & Rezende, ICML 2016; :class:`scgjax.estimators.vimco.VIMCO`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from scgjax.errors import SiteError
+from scgjax.estimators.base import magic_box
+from scgjax.estimators.pathwise import Pathwise
+from scgjax.estimators.rloo import RLOO
+from scgjax.estimators.score_function import ScoreFunction
+from scgjax.estimators.vimco import VIMCO, vimco_baselines
+from scgjax.objectives import program
+from scgjax.objectives.base import Evaluation, Objective
+from scgjax.objectives.surrogate import reduce_to
+from scgjax.scg import SCG
+
+
+def bound_plates(scg: SCG) -> tuple[str, ...]:
+    """The plates along which the bound factorises: those of every stochastic node and of
+    every cost that depends on one (canonical order). The log-weights are kept per element of
+    these plates and the bound is the sum over elements of per-element ``K``-sample bounds."""
+    keep = set(scg.plates)
+    for node in scg.nodes.values():
+        keep &= set(node.plates)
+    for cid, cost in scg.costs.items():
+        if scg.upstream(cid):
+            keep &= set(cost.plates)
+    return tuple(p for p in scg.plates if p in keep)
+
+
+def _check_estimators(scg: SCG) -> None:
+    for name, node in scg.nodes.items():
+        est = node.estimator
+        kind = type(est).__name__
+        if getattr(est, "enumerates", False):
+            raise SiteError(name, f"uses {kind}; IWAE does not support enumerated sites (the "
+                            "bound's log-weights are per particle): use VIMCO() or Pathwise()")
+        if est.reparameterised and not est.uses_signal:
+            continue  # pathwise (or a relaxation): the gradient flows through the value
+        if isinstance(est, RLOO):
+            raise SiteError(
+                name, "uses RLOO, whose baseline under IWAE would be the bound itself (every "
+                "particle shares the bound as its signal): use VIMCO(), the leave-one-out "
+                "baseline of the multi-sample bound",
+            )
+        if isinstance(est, VIMCO) or (isinstance(est, ScoreFunction) and est.baseline is None):
+            continue
+        raise SiteError(
+            name, f"uses {kind}, which IWAE does not support (its signal is defined per "
+            "particle); use VIMCO(), ScoreFunction() without a baseline, or Pathwise()",
+        )
+
+
+class IWAE(Objective):
+    """The importance-weighted bound ``L_K = E[log (1/K) sum_k w_k]`` (Burda et al. 2016).
+
+    ``log w_k = log p(x, z_k) - log q(z_k | x)`` for ``K`` independent guide particles
+    (``vmap``), computed with ``logsumexp``. When every stochastic node, and every cost that
+    depends on one, lies in a common set of plates (e.g. the data plate of a VAE), the bound
+    is computed per element of those plates (:func:`bound_plates`), i.e. it is the sum over
+    data points of per-point ``K``-sample bounds:
+
+        L_hat = sum_n [log (1/K) sum_k exp(lw_{k,n})] + mean_k sum C_k,
+
+    with ``lw_{k,n}`` the costs that depend on a stochastic node, summed onto element ``n``
+    (the nodes' own extra plates summed out), and ``C`` the costs that depend on none (a prior
+    on a global parameter written as a factor, observed sites without latents), which are the
+    same in every particle. ``loss(...)`` is ``-L_hat``. For plates sub-sampled to ``B`` of
+    ``N`` elements, each element's bound is computed on its unscaled log-weights and scaled by
+    ``N / B`` (an unbiased estimate of the full-data bound); other ``scale`` handlers multiply
+    the log-weights.
+
+    Gradient: ``grad L_hat + sum_{w score} sum_{k,n} (L_hat_n - b_{k,n}) grad log q(w_{k,n})``.
+    The first part is pathwise: through the values of reparameterised sites and through every
+    density's parameters (for score sites, ``-log q(z_k)``'s parameters: the ``-E[w_hat_k
+    grad log q]`` term); differentiating ``logsumexp`` supplies the normalised weights
+    ``w_hat_k``. The second is the score function for the bound, per plate element: ``b = 0``
+    for ``ScoreFunction()`` (and ``RLOO()``, the default of discrete sites when ``K >= 2``,
+    whose per-particle leave-one-out is meaningless here since the signal ``L_hat`` is shared by
+    all particles); VIMCO's leave-one-out baselines for ``VIMCO()`` sites (Mnih & Rezende
+    2016). Both are unbiased for ``grad L_K`` (first order; the score terms are
+    ``(box(log q) - 1) * stop_grad(L_hat - b)``, value 0). Other per-particle estimators
+    (baselines, DisARM, DCV, enumeration) raise a :class:`~scgjax.errors.SiteError`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, scgjax as sg
+        >>> from scgjax import dist
+        >>> def model():
+        ...     z = sg.sample("z", dist.Normal(0.0, 1.0))
+        ...     sg.sample("x", dist.Normal(z, 1.0), obs=1.0)
+        >>> guide = lambda: sg.sample("z", dist.Normal(sg.param("m", 0.0), 1.0))
+        >>> params = sg.init_params(0, model, guide)
+        >>> loss = IWAE(num_particles=16).loss(jax.random.key(0), params, model, guide)
+        >>> bool(jnp.isfinite(loss))
+        True
+    """
+
+    kind = program.GUIDED
+
+    def default_estimator(self, fn: Any, num_particles: int) -> Any:
+        """Pathwise where possible; otherwise VIMCO (``K >= 2``) or the plain score function."""
+        if fn.has_rsample:
+            return Pathwise()
+        return VIMCO() if num_particles >= 2 else ScoreFunction()
+
+    def assemble(self, evaluation: Evaluation, params: dict, state: dict
+                 ) -> tuple[jax.Array, tuple[dict, dict]]:
+        """``(-L_hat, (state, metrics))``: the bound with its score terms (see the class)."""
+        structure = evaluation.structure
+        scg = structure.scg
+        k = structure.num_particles
+        _check_estimators(scg)
+        shared = bound_plates(scg)
+        keep = scg.plate_mask(shared)
+        shape = (k, *(scg.plates[p].size if p in shared else 1 for p in scg.plates))
+        # sub-sampled plates of the bound: their N / B scale is applied outside the logsumexp
+        ratio = math.prod(scg.plates[p].full_size / scg.plates[p].size for p in shared)
+
+        log_w = jnp.zeros(shape)
+        constant = jnp.zeros(())
+        for cid, cost in evaluation.costs.items():
+            if scg.upstream(cid):
+                log_w = log_w + reduce_to(cost, keep)
+            else:
+                constant = constant + cost.reshape(k, -1).sum(axis=1).mean()
+        log_w = log_w / ratio
+        per_element = jax.nn.logsumexp(log_w, axis=0) - math.log(k)  # (*plates), keepdims off
+        bound = ratio * per_element.sum() + constant
+
+        surrogate = bound
+        signals: dict[str, jax.Array] = {}
+        for name, logq in evaluation.logq.items():
+            est = scg.nodes[name].estimator
+            if isinstance(est, VIMCO):
+                baseline = vimco_baselines(log_w)
+            else:
+                baseline = jnp.zeros_like(log_w)
+            signal = jax.lax.stop_gradient(ratio * (per_element[None] - baseline))
+            lq = reduce_to(logq, keep)
+            surrogate = surrogate + ((magic_box(lq) - 1.0) * signal).sum()
+            signals[name] = signal
+        metrics: dict[str, Any] = {"objective": jax.lax.stop_gradient(bound)}
+        if self.record_signals:
+            metrics["learning_signals"] = signals
+        return -surrogate, (dict(state), metrics)
+
+    def loss(self, rng_key, params, model, guide, *args, **kwargs):
+        """``-L_K`` estimate; ``jax.grad`` of it estimates ``-grad L_K``."""
+        return super().loss(rng_key, params, model, guide, *args, **kwargs)

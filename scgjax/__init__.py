@@ -26,6 +26,7 @@ from scgjax.infer import SVI, SVIRunResult, SVIState
 from scgjax.objectives import (
     ELBO,
     IWAE,
+    RWS,
     AmortisedWakeSleep,
     Expectation,
     Objective,
@@ -51,6 +52,7 @@ __all__ = [
     "Objective",
     "Pathwise",
     "RLOO",
+    "RWS",
     "SCG",
     "SVI",
     "SVIRunResult",

@@ -7,6 +7,7 @@ from typing import Any
 from scgjax.baselines import MovingAverage
 from scgjax.estimators.base import Estimator, ScoreContext, magic_box
 from scgjax.estimators.dcv import DCV
+from scgjax.estimators.detached import Detached
 from scgjax.estimators.disarm import ARM, DisARM
 from scgjax.estimators.enumerate import Enumerate
 from scgjax.estimators.pathwise import Pathwise
@@ -15,9 +16,11 @@ from scgjax.estimators.rloo import RLOO
 from scgjax.estimators.score_function import ScoreFunction
 from scgjax.estimators.vimco import VIMCO
 
-__all__ = ["ARM", "DCV", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax", "Pathwise",
-           "StraightThrough", "VIMCO", "RLOO", "ScoreContext", "ScoreFunction",
-           "default_estimator", "magic_box"]
+__all__ = [
+    "ARM", "DCV", "Detached", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax", "Pathwise",
+    "RLOO", "ScoreContext", "ScoreFunction", "StraightThrough", "VIMCO", "default_estimator",
+    "magic_box",
+]
 
 
 def default_estimator(fn: Any, num_particles: int) -> Estimator:

@@ -6,5 +6,6 @@ from scgjax.objectives.elbo import ELBO
 from scgjax.objectives.expectation import Expectation
 from scgjax.objectives.iwae import IWAE
 from scgjax.objectives.program import graph
+from scgjax.objectives.rws import RWS
 
-__all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "IWAE", "Objective", "graph"]
+__all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "IWAE", "Objective", "RWS", "graph"]

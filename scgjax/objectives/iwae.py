@@ -39,6 +39,39 @@ def bound_plates(scg: SCG) -> tuple[str, ...]:
     return tuple(p for p in scg.plates if p in keep)
 
 
+def bound_layout(scg: SCG) -> tuple[tuple[bool, ...], float]:
+    """The canonical-axis mask of :func:`bound_plates` and the product of their sub-sampling
+    ratios ``N / B`` (applied outside the logsumexp)."""
+    shared = bound_plates(scg)
+    ratio = math.prod(scg.plates[p].full_size / scg.plates[p].size for p in shared)
+    return scg.plate_mask(shared), ratio
+
+
+def importance_log_weights(evaluation: Evaluation
+                           ) -> tuple[jax.Array, jax.Array, jax.Array, float]:
+    """``(log_w, per_element, bound, ratio)`` of the particles in ``evaluation``.
+
+    ``log_w`` (``(K, *plates)``, size 1 off the bound's plates) sums the costs that depend on
+    a stochastic node, unscaled by sub-sampling; ``per_element`` is
+    ``logsumexp_k log_w - log K``; ``bound = ratio * sum(per_element) + mean_k(constant costs)``.
+    """
+    scg = evaluation.structure.scg
+    k = evaluation.structure.num_particles
+    keep, ratio = bound_layout(scg)
+    shape = (k, *(p.size if kept else 1 for p, kept in zip(scg.plates.values(), keep,
+                                                               strict=True)))
+    log_w = jnp.zeros(shape)
+    constant = jnp.zeros(())
+    for cid, cost in evaluation.costs.items():
+        if scg.upstream(cid):
+            log_w = log_w + reduce_to(cost, keep)
+        else:
+            constant = constant + cost.reshape(k, -1).sum(axis=1).mean()
+    log_w = log_w / ratio
+    per_element = jax.nn.logsumexp(log_w, axis=0) - math.log(k)
+    return log_w, per_element, ratio * per_element.sum() + constant, ratio
+
+
 def _check_estimators(scg: SCG) -> None:
     for name, node in scg.nodes.items():
         est = node.estimator
@@ -117,26 +150,10 @@ class IWAE(Objective):
     def assemble(self, evaluation: Evaluation, params: dict, state: dict
                  ) -> tuple[jax.Array, tuple[dict, dict]]:
         """``(-L_hat, (state, metrics))``: the bound with its score terms (see the class)."""
-        structure = evaluation.structure
-        scg = structure.scg
-        k = structure.num_particles
+        scg = evaluation.structure.scg
         _check_estimators(scg)
-        shared = bound_plates(scg)
-        keep = scg.plate_mask(shared)
-        shape = (k, *(scg.plates[p].size if p in shared else 1 for p in scg.plates))
-        # sub-sampled plates of the bound: their N / B scale is applied outside the logsumexp
-        ratio = math.prod(scg.plates[p].full_size / scg.plates[p].size for p in shared)
-
-        log_w = jnp.zeros(shape)
-        constant = jnp.zeros(())
-        for cid, cost in evaluation.costs.items():
-            if scg.upstream(cid):
-                log_w = log_w + reduce_to(cost, keep)
-            else:
-                constant = constant + cost.reshape(k, -1).sum(axis=1).mean()
-        log_w = log_w / ratio
-        per_element = jax.nn.logsumexp(log_w, axis=0) - math.log(k)  # (*plates), keepdims off
-        bound = ratio * per_element.sum() + constant
+        log_w, per_element, bound, ratio = importance_log_weights(evaluation)
+        keep, _ = bound_layout(scg)
 
         surrogate = bound
         signals: dict[str, jax.Array] = {}

@@ -22,8 +22,8 @@ given a score-function estimator (``--estimator``)
 - ``gumbel`` / ``st``: the Concrete relaxation and its straight-through form at temperature
   0.5 (Maddison et al. 2017; Jang et al. 2017), biased.
 
-The estimators live in :data:`ESTIMATORS` (name -> :class:`EstimatorChoice`); a new one (DCV,
-DisARM, Gumbel-softmax, straight-through) is one more entry. Each image's ``z`` is in
+The estimators live in :data:`ESTIMATORS` (name -> :class:`EstimatorChoice`); a new one is one
+more entry. The test ELBO is always the discrete one. Each image's ``z`` is in
 ``sg.plate("data", batch)``, so the score of ``z[n]`` is credited only with image ``n``'s
 terms; the 200 latent dimensions form one event (``.to_event(1)``).
 

@@ -100,12 +100,10 @@ class Objective:
     def evaluate(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> Evaluation:
         """Trace the program, run its ``K`` particles (``vmap``; enumerated sites summed out)
         and return their per-element arrays (see :class:`Evaluation`)."""
+        structure = self.structure(rng_key, params, *fns_and_args, **kwargs)
         n = 1 if self.kind == program.SINGLE else 2
-        programs = self._programs(fns_and_args[:n])
-        args = fns_and_args[n:]
+        programs, args = fns_and_args[:n], fns_and_args[n:]
         key = handlers.as_prng_key(rng_key)
-        structure = program.analyse(self.kind, key, params, programs, args, kwargs,
-                                    self.num_particles, self.default_estimator)
 
         keys = key[None] if self.num_particles == 1 else jax.random.split(
             key, self.num_particles)

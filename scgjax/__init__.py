@@ -2,7 +2,8 @@
 
 Write a model and a guide as Python functions with :func:`sample`, :func:`param`,
 :class:`plate`, :func:`factor`; pick a gradient estimator per random choice; train with an
-objective (:class:`ELBO`, :class:`Expectation`) and optax through :class:`SVI`. The surrogate
+objective (:class:`ELBO`, :class:`IWAE`, :class:`RWS`, :class:`WakeSleep`,
+:class:`AmortisedWakeSleep`, :class:`Expectation`) and optax through :class:`SVI`. The surrogate
 loss credits each random choice only with the costs downstream of it, element by element
 through plates, and is unbiased for gradients of any order (DiCE).
 """
@@ -30,9 +31,10 @@ from scgjax.objectives import (
     AmortisedWakeSleep,
     Expectation,
     Objective,
+    WakeSleep,
     graph,
 )
-from scgjax.params import constrain_params, init_params
+from scgjax.params import constrain_params, init_params, param_labels
 from scgjax.primitives import deterministic, factor, module, param, plate, sample
 from scgjax.scg import SCG
 
@@ -62,6 +64,7 @@ __all__ = [
     "SiteError",
     "StraightThrough",
     "VIMCO",
+    "WakeSleep",
     "baselines",
     "constrain_params",
     "deterministic",
@@ -73,6 +76,7 @@ __all__ = [
     "init_params",
     "module",
     "param",
+    "param_labels",
     "plate",
     "sample",
 ]

@@ -12,7 +12,7 @@ from numpyro.distributions import biject_to, constraints
 from scgjax import handlers
 from scgjax.errors import SiteError
 
-__all__ = ["init_params", "constrain_params", "split_static", "strong_types"]
+__all__ = ["init_params", "constrain_params", "param_labels", "split_static", "strong_types"]
 
 
 def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *args,
@@ -45,6 +45,49 @@ def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *a
         return out
 
     return strong_types(initialise(handlers.as_prng_key(rng_key), arrays))
+
+
+def param_labels(model: Callable, guide: Callable | None = None, *args, rng_key: Any = 0,
+                 **kwargs) -> dict[str, str]:
+    """Who owns each param: ``"model"`` (θ), ``"guide"`` (φ) or ``"shared"``, per top-level key
+    of :func:`init_params`'s dict, ready to be optax's ``param_labels``.
+
+    A param or module used by both programs is ``"shared"``; estimator params
+    (``"<site>$<key>"``: baselines, control-variate coefficients) belong to the inference
+    side, ``"guide"``. Without a guide every param is ``"model"``. Nothing is computed: the
+    programs are traced abstractly.
+
+    Example: Adam with different rates for the model and the guide.
+
+        >>> import optax, scgjax as sg
+        >>> from scgjax import dist
+        >>> def model(x):
+        ...     z = sg.sample("z", dist.Normal(sg.param("prior_loc", 0.0), 1.0))
+        ...     sg.sample("x", dist.Normal(z, 1.0), obs=x)
+        >>> def guide(x):
+        ...     sg.sample("z", dist.Normal(sg.param("q_loc", 0.0), 1.0))
+        >>> labels = sg.param_labels(model, guide, 1.0)
+        >>> labels
+        {'q_loc': 'guide', 'prior_loc': 'model'}
+        >>> tx = optax.multi_transform({"model": optax.adam(1e-3), "guide": optax.adam(1e-2)},
+        ...                            labels)
+    """
+    arrays, rebuild = split_static((args, kwargs))
+    owners: dict[str, set[str]] = {}
+
+    def record(key, arrays):
+        a, kw = rebuild(arrays)
+        _, traces = _param_messages(key, model, guide, None, a, kw)
+        roles = ("guide", "model") if guide is not None else ("model",)
+        for role, tr in zip(roles, traces, strict=True):
+            for name in _param_sites(tr):
+                owners.setdefault(name, set()).add(role)
+        for name in _estimator_params(key, traces):
+            owners.setdefault(name, set()).add(roles[0])
+
+    jax.eval_shape(record, handlers.as_prng_key(rng_key), arrays)
+    return {name: roles.pop() if len(roles) == 1 else "shared"
+            for name, roles in owners.items()}
 
 
 def strong_types(tree: Any) -> Any:

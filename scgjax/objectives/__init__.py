@@ -6,6 +6,7 @@ from scgjax.objectives.elbo import ELBO
 from scgjax.objectives.expectation import Expectation
 from scgjax.objectives.iwae import IWAE
 from scgjax.objectives.program import graph
-from scgjax.objectives.rws import RWS
+from scgjax.objectives.rws import RWS, WakeSleep
 
-__all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "IWAE", "Objective", "RWS", "graph"]
+__all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "IWAE", "Objective", "RWS", "WakeSleep",
+           "graph"]

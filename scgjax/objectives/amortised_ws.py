@@ -21,7 +21,6 @@ github.com/kevin-w-li/al-ws.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,23 +31,10 @@ from scgjax import handlers
 from scgjax.errors import ScgjaxError, SiteError
 from scgjax.objectives import program
 from scgjax.objectives.base import Objective
-from scgjax.primitives import Message, Messenger
+from scgjax.objectives.sleep import sample_sites, trace_program, unobserve
+from scgjax.primitives import Message
 
 __all__ = ["AmortisedWakeSleep"]
-
-
-class _unobserve(Messenger):
-    """Turn observed sample sites (not factors) into latent ones: their value is sampled."""
-
-    def process_message(self, msg: Message) -> None:
-        if msg["type"] == "sample" and msg["is_observed"] and not msg.get("is_factor"):
-            msg["value"] = None
-            msg["is_observed"] = False
-            msg["was_observed"] = True
-
-
-def _sample_sites(tr: dict) -> dict[str, Message]:
-    return {n: m for n, m in tr.items() if m["type"] == "sample"}
 
 
 def _data_axis(msg: Message, plate: str, ndim_batch: int) -> int:
@@ -166,15 +152,8 @@ class AmortisedWakeSleep(Objective):
 
     # -- the model's runs ------------------------------------------------------------------
 
-    @staticmethod
-    def _trace(model: Callable, key: jax.Array, params: dict, args: tuple, kwargs: dict,
-               wrap: Callable[[Callable], Callable] | None = None) -> dict:
-        fn = model if wrap is None else wrap(model)
-        fn = handlers.seed(handlers.substitute_unconstrained(fn, params), key)
-        return handlers.trace(fn).get_trace(*args, **kwargs)
-
     def _find_plate(self, tr: dict) -> str:
-        sites = _sample_sites(tr)
+        sites = sample_sites(tr)
         factors = [n for n, m in sites.items() if m.get("is_factor")]
         if factors:
             raise SiteError(factors[0], "is a factor; AmortisedWakeSleep samples the model's "
@@ -218,17 +197,17 @@ class AmortisedWakeSleep(Objective):
         x = args[0]
 
         # wake: the real data's features (latents drawn only to run the model)
-        wake_tr = self._trace(model, key_wake, params, args, kwargs)
+        wake_tr = trace_program(model, key_wake, params, args, kwargs)
         plate = self._find_plate(wake_tr)
-        observed = [n for n, m in _sample_sites(wake_tr).items() if m["is_observed"]]
+        observed = [n for n, m in sample_sites(wake_tr).items() if m["is_observed"]]
         x_real = jax.lax.stop_gradient(
             jnp.concatenate([_features(wake_tr[n], plate) for n in observed], axis=1))
 
         # sleep: (z_n, x_n) ~ p_theta, observed sites sampled, no gradient through sampling
         dummy = (jnp.zeros((self.num_sleep, *jnp.shape(x)[1:]), jnp.result_type(x)),
                  *args[1:])
-        sleep_tr = self._trace(model, key_sleep, params, dummy, kwargs, wrap=_unobserve)
-        sites = _sample_sites(sleep_tr)
+        sleep_tr = trace_program(model, key_sleep, params, dummy, kwargs, wrap=unobserve)
+        sites = sample_sites(sleep_tr)
         for n, m in sites.items():
             frame = next((f for f in m["cond_indep_stack"] if f.name == plate), None)
             if frame is None or frame.size != self.num_sleep:
@@ -241,9 +220,9 @@ class AmortisedWakeSleep(Objective):
             [_features({**sites[n], "value": values[n]}, plate) for n in observed], axis=1)
 
         # targets: f_n = log p_theta(x_n, z_n), differentiable in theta
-        cond_tr = self._trace(model, key_sleep, params, dummy, kwargs,
+        cond_tr = trace_program(model, key_sleep, params, dummy, kwargs,
                               wrap=lambda fn: handlers.condition(fn, values))
-        f = sum(_per_element_log_density(m, plate) for m in _sample_sites(cond_tr).values())
+        f = sum(_per_element_log_density(m, plate) for m in sample_sites(cond_tr).values())
 
         # kernel ridge regression from x to f, evaluated at the real data
         sq = _sq_dists(x_sleep, x_sleep)

@@ -183,6 +183,8 @@ class Structure:
     scg: SCG
     costs: tuple[tuple[str, str, str, float], ...]
     num_particles: int
+    #: the ``sg.param``/``sg.module`` names that both the model and the guide use
+    shared_params: tuple[str, ...] = ()
 
     @property
     def plate_order(self) -> tuple[str, ...]:
@@ -211,6 +213,7 @@ def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: 
         found["values"] = {n: _abstract(m["value"]) for n, m in sampled.items()}
         found["costs"] = cost_sites(kind, traces)
         found["plates"] = _plates(traces)
+        found["shared_params"] = _shared_params(traces)
         found["cost_plates"] = {
             cid: tuple(f.name for f in traces[r][s]["cond_indep_stack"])
             for cid, r, s, _ in found["costs"]
@@ -244,7 +247,16 @@ def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: 
     }
     scg = SCG(nodes=nodes, costs=cost_nodes, plates=found["plates"], parents=parents,
               cost_inputs=cost_inputs)
-    return Structure(kind=kind, scg=scg, costs=tuple(costs), num_particles=num_particles)
+    return Structure(kind=kind, scg=scg, costs=tuple(costs), num_particles=num_particles,
+                     shared_params=found["shared_params"])
+
+
+def _shared_params(traces: dict) -> tuple[str, ...]:
+    """The param sites of every trace, when there are several (model and guide)."""
+    names = [{n for n, m in tr.items() if m["type"] == "param"} for tr in traces.values()]
+    if len(names) < 2:
+        return ()
+    return tuple(sorted(set.intersection(*names)))
 
 
 def _cost_kind(cid: str, role: str, site: str) -> str:

@@ -157,3 +157,45 @@ def test_bad_arguments():
         AmortisedWakeSleep(10, kernel="laplace")
     with pytest.raises(TypeError):
         AmortisedWakeSleep(10).loss(0, {}, linear_gaussian)
+
+
+def test_kernel_selection_picks_the_bandwidth_that_predicts():
+    """Smooth targets of x with noise: far too small a bandwidth cannot interpolate, far too
+    large cannot bend; held-out error picks the middle one, even when another candidate's
+    solve fails (NaN)."""
+    from scgjax.objectives.amortised_ws import _select_kernel, _sq_dists
+
+    x = jax.random.uniform(jax.random.key(0), (300, 1), minval=-3.0, maxval=3.0)
+    noise = 0.1 * jax.random.normal(jax.random.key(1), (2, 300))
+    slopes = jnp.stack([jnp.sin(2.0 * x[:, 0]), jnp.cos(2.0 * x[:, 0])]) + noise
+    sq = _sq_dists(x, x)
+    h, lam = _select_kernel(sq, slopes, 200, jnp.asarray(1.0), (0.01, 0.3, 100.0), (1e-3, 1e-1))
+    assert float(h) == pytest.approx(0.3) and float(lam) in (pytest.approx(1e-3),
+                                                            pytest.approx(1e-1))
+    bad = sq.at[0, 1].set(jnp.nan)  # every candidate fails but the solve must not pick NaN
+    h, _ = _select_kernel(bad, slopes, 200, jnp.asarray(1.0), (0.3,), (1e-3,))
+    assert float(h) == pytest.approx(0.3)
+
+
+def test_held_out_selection_runs_inside_the_loss(gaussian_data):
+    x = gaussian_data
+    params = sg.init_params(0, linear_gaussian, None, x)
+    scales = (0.5, 1.0, 2.0)
+    objective = AmortisedWakeSleep(100, ridge=(1e-3, 1e-1), num_heldout=50,
+                                   bandwidth_scales=scales)
+    loss, (_, metrics) = jax.jit(lambda p, k: objective.loss_with_state(
+        k, p, None, linear_gaussian, x))(params, jax.random.key(0))
+    median = AmortisedWakeSleep(100).loss_with_state(
+        jax.random.key(0), params, None, linear_gaussian, x)[1][1]["bandwidth"]
+    assert np.isfinite(float(loss)) and float(metrics["ridge"]) in (pytest.approx(1e-3),
+                                                                   pytest.approx(1e-1))
+    assert min(abs(float(metrics["bandwidth"]) / float(median) - s) for s in scales) < 0.2
+    g = estimated_grad(objective, linear_gaussian, params, x, jax.random.key(1))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_held_out_arguments_are_checked():
+    with pytest.raises(ValueError, match="num_heldout"):
+        AmortisedWakeSleep(100, ridge=(1e-3, 1e-2))
+    with pytest.raises(ValueError, match="bandwidth_scales"):
+        AmortisedWakeSleep(100, bandwidth_scales=(0.0,), num_heldout=10)

@@ -21,6 +21,7 @@ github.com/kevin-w-li/al-ws.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -82,6 +83,55 @@ def _median_bandwidth(sq: jax.Array) -> jax.Array:
     return jnp.where(h > 0, h, 1.0)
 
 
+def _kernel_ridge(sq: jax.Array, f: jax.Array, h: jax.Array, ridge: jax.Array,
+                  sq_query: jax.Array) -> jax.Array:
+    """``fhat(query) = mean(f) + k(query, X) (K + ridge I)^{-1} (f - mean(f))`` for the
+    Gaussian kernel of bandwidth ``h``, from squared distances (Cholesky solve). Centring the
+    targets shrinks towards their mean rather than towards zero."""
+    gram = jnp.exp(-sq / (2.0 * h**2)) + ridge * jnp.eye(sq.shape[0], dtype=sq.dtype)
+    centre = f.mean()
+    alpha = cho_solve(cho_factor(gram, lower=True), f - centre)
+    return centre + jnp.exp(-sq_query / (2.0 * h**2)) @ alpha
+
+
+def _random_slopes(targets: Callable[[dict], jax.Array], params: dict, rng_key: jax.Array,
+                   num_directions: int = 4) -> jax.Array:
+    """``(num_directions, S)``: the targets' derivatives ``v . grad_theta f_n`` along random
+    unit-variance directions ``v`` in parameter space (forward mode, no gradient), what the
+    regression must predict for the gradient to be right."""
+    leaves, treedef = jax.tree.flatten(params)
+
+    def slope(key):
+        keys = jax.random.split(key, len(leaves))
+        v = jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+                                         for k, x in zip(keys, leaves, strict=True)])
+        return jax.jvp(targets, (params,), (v,))[1]
+
+    return jax.lax.stop_gradient(jax.vmap(slope)(jax.random.split(rng_key, num_directions)))
+
+
+def _select_kernel(sq: jax.Array, slopes: jax.Array, num_train: int, base: jax.Array,
+                   scales: tuple[float, ...], ridges: tuple[float, ...]
+                   ) -> tuple[jax.Array, jax.Array]:
+    """``(h, ridge)`` from the grid ``base * scales`` x ``ridges`` whose regressions, fitted on
+    the first ``num_train`` dreams, best predict the held-out rows of ``slopes`` (squared
+    error relative to each row's variance, summed over rows; every candidate at once, no
+    gradient)."""
+    hs = jnp.repeat(base * jnp.asarray(scales, sq.dtype), len(ridges))
+    lams = jnp.tile(jnp.asarray(ridges, sq.dtype), len(scales))
+    train, held = slice(0, num_train), slice(num_train, None)
+
+    def held_out_error(h, lam):
+        def one(y):
+            pred = _kernel_ridge(sq[train, train], y[train], h, lam, sq[held, train])
+            return jnp.mean((pred - y[held]) ** 2) / (jnp.var(y) + 1e-30)
+        return jax.vmap(one)(slopes).sum()
+
+    errors = jax.vmap(held_out_error)(hs, lams)
+    best = jnp.argmin(jnp.where(jnp.isnan(errors), jnp.inf, errors))  # a failed solve loses
+    return hs[best], lams[best]
+
+
 class AmortisedWakeSleep(Objective):
     """Amortised learning by wake-sleep (Wenliang et al., ICML 2020) for a model alone.
 
@@ -94,13 +144,24 @@ class AmortisedWakeSleep(Objective):
     2. re-runs it conditioned on those values: ``f_n = log p_theta(x_n, z_n)``, the joint
        log-density of every sample site, summed per element of the data plate
        (differentiable in ``theta``);
-    3. fits kernel ridge regression ``fhat(x) = k(x, X) (K + lambda I)^{-1} f`` with the
-       Gaussian kernel ``k(x, x') = exp(-||x - x'||^2 / (2 h^2))`` (Cholesky solve);
+    3. fits kernel ridge regression ``fhat(x) = fbar + k(x, X) (K + lambda I)^{-1} (f - fbar)``
+       (``fbar = mean_n f_n``) with the Gaussian kernel
+       ``k(x, x') = exp(-||x - x'||^2 / (2 h^2))`` (Cholesky solve);
     4. returns ``-mean_m fhat(x_m)`` over the real data's rows ``x_m``.
 
     Its gradient estimates ``-mean_m grad_theta log p_theta(x_m)``; its *value* is a
     regression surrogate, not ``-log p(x)``. Metrics: ``surrogate`` (``mean_m fhat(x_m)``),
-    ``mean_log_joint`` (``mean_n f_n``) and ``bandwidth`` (``h``).
+    ``mean_log_joint`` (``mean_n f_n``), ``bandwidth`` (``h``) and ``ridge`` (``lambda``).
+
+    The kernel is chosen by the median heuristic (``bandwidth=None``) or fixed, or, with
+    ``num_heldout > 0``, on held-out sleep samples as the authors do: ``num_heldout`` more
+    dreams are drawn, every ``h = h0 * s`` (``s`` in ``bandwidth_scales``, ``h0`` the median
+    or the given bandwidth) and ``lambda`` in ``ridge`` is fitted on the first ``num_sleep``
+    and scored by its squared error on the held-out dreams; the best pair is refitted on all
+    ``num_sleep + num_heldout`` dreams. What is scored is the regression of what the gradient
+    needs, ``grad_theta f_n``, projected on 4 random directions in parameter space (one
+    forward-mode pass each): the regression of ``f`` itself can prefer predicting its mean
+    when ``f`` varies mostly with ``z`` given ``x``, which leaves the gradient wrong.
 
     Assumptions on the model (checked, with clear errors):
 
@@ -116,34 +177,50 @@ class AmortisedWakeSleep(Objective):
     Args:
         num_sleep: number ``S`` of sleep samples.
         kernel: ``"gaussian"`` (the only kernel so far).
-        ridge: ``lambda``, added to the kernel matrix's diagonal.
+        ridge: ``lambda``, added to the kernel matrix's diagonal; a sequence of candidates
+            with ``num_heldout > 0``.
         bandwidth: the kernel's ``h``; ``None`` for the median heuristic (the median pairwise
             distance between the sleep samples' ``x``).
         data_plate: the name of the data plate (see above).
+        num_heldout: held-out sleep samples for choosing ``h`` and ``lambda`` (0: no choice).
+        bandwidth_scales: the candidate multiples of the base bandwidth.
     """
 
     kind = program.SINGLE
 
-    def __init__(self, num_sleep: int = 200, kernel: str = "gaussian", ridge: float = 1e-3,
-                 bandwidth: float | None = None, data_plate: str | None = None):
+    def __init__(self, num_sleep: int = 200, kernel: str = "gaussian",
+                 ridge: float | Sequence[float] = 1e-3, bandwidth: float | None = None,
+                 data_plate: str | None = None, num_heldout: int = 0,
+                 bandwidth_scales: Sequence[float] = (1.0,)):
         super().__init__(num_particles=1)
         if not isinstance(num_sleep, int) or num_sleep < 2:
             raise ValueError(f"num_sleep must be an int >= 2, got {num_sleep!r}")
         if kernel != "gaussian":
             raise ValueError(f"kernel must be 'gaussian', got {kernel!r}")
-        if not ridge > 0:
-            raise ValueError(f"ridge must be positive, got {ridge!r}")
+        ridges = tuple(ridge) if isinstance(ridge, Sequence) else (ridge,)
+        scales = tuple(bandwidth_scales)
+        if not ridges or not all(r > 0 for r in ridges):
+            raise ValueError(f"ridge must be positive (or positive candidates), got {ridge!r}")
+        if not scales or not all(s > 0 for s in scales):
+            raise ValueError(f"bandwidth_scales must be positive, got {bandwidth_scales!r}")
+        if not isinstance(num_heldout, int) or num_heldout < 0:
+            raise ValueError(f"num_heldout must be an int >= 0, got {num_heldout!r}")
+        if num_heldout == 0 and len(ridges) * len(scales) > 1:
+            raise ValueError("several ridge or bandwidth_scales candidates need held-out sleep "
+                             "samples to choose between them: pass num_heldout > 0")
         if bandwidth is not None and not bandwidth > 0:
             raise ValueError(f"bandwidth must be positive or None, got {bandwidth!r}")
         self.num_sleep = num_sleep
         self.kernel = kernel
-        self.ridge = float(ridge)
+        self.ridge = tuple(float(r) for r in ridges)
+        self.bandwidth_scales = tuple(float(v) for v in scales)
+        self.num_heldout = num_heldout
         self.bandwidth = None if bandwidth is None else float(bandwidth)
         self.data_plate = data_plate
 
     def __repr__(self) -> str:
         return (f"AmortisedWakeSleep(num_sleep={self.num_sleep}, kernel={self.kernel!r}, "
-                f"ridge={self.ridge}, bandwidth={self.bandwidth})")
+                f"ridge={self.ridge}, bandwidth={self.bandwidth}, num_heldout={self.num_heldout})")
 
     def init_state(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> dict:
         """No state: every step draws fresh sleep samples."""
@@ -204,15 +281,16 @@ class AmortisedWakeSleep(Objective):
             jnp.concatenate([_features(wake_tr[n], plate) for n in observed], axis=1))
 
         # sleep: (z_n, x_n) ~ p_theta, observed sites sampled, no gradient through sampling
-        dummy = (jnp.zeros((self.num_sleep, *jnp.shape(x)[1:]), jnp.result_type(x)),
+        total = self.num_sleep + self.num_heldout
+        dummy = (jnp.zeros((total, *jnp.shape(x)[1:]), jnp.result_type(x)),
                  *args[1:])
         sleep_tr = trace_program(model, key_sleep, params, dummy, kwargs, wrap=unobserve)
         sites = sample_sites(sleep_tr)
         for n, m in sites.items():
             frame = next((f for f in m["cond_indep_stack"] if f.name == plate), None)
-            if frame is None or frame.size != self.num_sleep:
+            if frame is None or frame.size != total:
                 raise SiteError(
-                    n, f"has no data plate '{plate}' of size num_sleep={self.num_sleep} when "
+                    n, f"has no data plate '{plate}' of size num_sleep + num_heldout={total} when "
                     "the model's first argument has that many rows; the model must take its "
                     "data plate's size from its first argument's leading dimension")
         values = {n: jax.lax.stop_gradient(m["value"]) for n, m in sites.items()}
@@ -220,21 +298,26 @@ class AmortisedWakeSleep(Objective):
             [_features({**sites[n], "value": values[n]}, plate) for n in observed], axis=1)
 
         # targets: f_n = log p_theta(x_n, z_n), differentiable in theta
-        cond_tr = trace_program(model, key_sleep, params, dummy, kwargs,
-                              wrap=lambda fn: handlers.condition(fn, values))
-        f = sum(_per_element_log_density(m, plate) for m in sample_sites(cond_tr).values())
+        def targets(p: dict) -> jax.Array:
+            tr = trace_program(model, key_sleep, p, dummy, kwargs,
+                               wrap=lambda fn: handlers.condition(fn, values))
+            return sum(_per_element_log_density(m, plate) for m in sample_sites(tr).values())
+
+        f = targets(params)
 
         # kernel ridge regression from x to f, evaluated at the real data
         sq = _sq_dists(x_sleep, x_sleep)
-        h = (_median_bandwidth(sq) if self.bandwidth is None
+        h = (_median_bandwidth(sq[:self.num_sleep, :self.num_sleep]) if self.bandwidth is None
              else jnp.asarray(self.bandwidth, sq.dtype))
-        h = jax.lax.stop_gradient(h)
-        gram = jnp.exp(-sq / (2.0 * h**2)) + self.ridge * jnp.eye(self.num_sleep, dtype=sq.dtype)
-        alpha = cho_solve(cho_factor(gram, lower=True), f)
-        k_real = jnp.exp(-_sq_dists(x_real, x_sleep) / (2.0 * h**2))
-        fhat = k_real @ alpha
+        h, ridge = jax.lax.stop_gradient(h), jnp.asarray(self.ridge[0], sq.dtype)
+        if self.num_heldout:
+            slopes = _random_slopes(targets, params, jax.random.fold_in(key_sleep, 1))
+            h, ridge = _select_kernel(sq, slopes, self.num_sleep, h, self.bandwidth_scales,
+                                      self.ridge)
+        fhat = _kernel_ridge(sq, f, h, ridge, _sq_dists(x_real, x_sleep))
         surrogate = fhat.mean()
-        metrics = {"surrogate": surrogate, "mean_log_joint": f.mean(), "bandwidth": h}
+        metrics = {"surrogate": surrogate, "mean_log_joint": f.mean(), "bandwidth": h,
+                   "ridge": ridge}
         return -surrogate, ({} if state is None else state, metrics)
 
     def loss(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> jax.Array:

@@ -97,10 +97,21 @@ def elbo_table(r: dict) -> str:
                    r["steps"], r["train_source"]]])
 
 
+def iwae_table(r: dict) -> str:
+    """``examples/iwae_mnist.py``: the bounds of each trained K."""
+    rows = [[k, fmt(v["train_bound"]), fmt(v["test_elbo"]), fmt(v["test_bound"]),
+             fmt(v["test_bound_eval"]), fmt(1e3 * v["seconds_per_step"])]
+            for k, v in r["results"].items()]
+    return table(["K", "train L_K", "test ELBO", "test L_K", "test L_5000 (subset)", "ms/step"],
+                 rows)
+
+
 #: ``name -> (flags for --quick, formatter of main's results, main figure file name)``
 EXAMPLES: dict[str, tuple[list[str], Callable[[dict], str], str]] = {
     "vae_mnist": (["--steps", "50"], elbo_table, "loss_curve.png"),
     "binary_vae_mnist": (["--steps", "50"], elbo_table, "loss_curve.png"),
+    "iwae_mnist": (["--steps", "20", "--particles-list", "1,5", "--eval-particles", "100",
+                    "--eval-images", "20"], iwae_table, "bounds.png"),
 }
 
 

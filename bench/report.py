@@ -106,12 +106,25 @@ def iwae_table(r: dict) -> str:
                  rows)
 
 
+def rws_gmm_table(r: dict) -> str:
+    """``examples/rws_gmm.py``: exact model and guide errors of each method."""
+    rows = []
+    for m in r["methods"].values():
+        f = m["final"]
+        rows.append([m["label"]] + [fmt(f.get(key), ".4f") for key in
+                                    ("model_error", "mixture_kl", "log_px", "posterior_kl")]
+                    + [fmt(m["ms_per_step"])])
+    return table(["method", "model error", "KL(p*||p_θ)", "held-out log p(x)", "posterior KL",
+                  "ms/step"], rows)
+
+
 #: ``name -> (flags for --quick, formatter of main's results, main figure file name)``
 EXAMPLES: dict[str, tuple[list[str], Callable[[dict], str], str]] = {
     "vae_mnist": (["--steps", "50"], elbo_table, "loss_curve.png"),
     "binary_vae_mnist": (["--steps", "50"], elbo_table, "loss_curve.png"),
     "iwae_mnist": (["--steps", "20", "--particles-list", "1,5", "--eval-particles", "100",
                     "--eval-images", "20"], iwae_table, "bounds.png"),
+    "rws_gmm": (["--steps", "100", "--clusters", "5"], rws_gmm_table, "rws_gmm.png"),
 }
 
 

@@ -1,0 +1,255 @@
+"""Tests of ``examples/policy_gradient.py``: the gridworld, the credit scgjax derives for the two
+ways of writing an episode, unbiasedness and variance of both gradient estimators against the
+exact policy gradient (all action sequences enumerated), and a smoke run of ``main``.
+
+The example is loaded from its file path, as in ``tests/test_examples.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scgjax as sg
+from tests.stats import assert_unbiased, grad_samples
+from tests.test_examples import _load
+
+UP, RIGHT, DOWN, LEFT = range(4)
+HORIZON = 6  # 4^6 = 4096 action sequences: enumerated exactly
+BATCH = 2
+NUM_SAMPLES = 6000
+
+
+@pytest.fixture(scope="module")
+def pg():
+    return _load("policy_gradient")
+
+
+@pytest.fixture(scope="module")
+def env(pg):
+    return pg.GridWorld()
+
+
+def enumerate_episodes(env, logits, horizon):
+    """Every action sequence of length ``horizon`` (``4^horizon``): its probability under
+    ``softmax(logits)`` and its rewards ``(4^horizon, horizon)``, by running the tables."""
+    seqs = jnp.stack(jnp.meshgrid(*[jnp.arange(4)] * horizon, indexing="ij"), -1)
+    seqs = seqs.reshape(-1, horizon)
+    log_policy = jax.nn.log_softmax(logits, axis=-1)
+    s = jnp.full((seqs.shape[0],), env.start)
+    logp, rewards = jnp.zeros(seqs.shape[0]), []
+    for t in range(horizon):
+        logp = logp + log_policy[s, seqs[:, t]]
+        s, r = env.step(s, seqs[:, t])
+        rewards.append(r)
+    return jnp.exp(logp), jnp.stack(rewards, 1)
+
+
+def enumerated_return(env, logits, horizon):
+    """The exact expected return, by enumeration."""
+    probs, rewards = enumerate_episodes(env, logits, horizon)
+    return jnp.sum(probs * rewards.sum(1))
+
+
+# --- (1) the environment -----------------------------------------------------------------
+
+
+def test_transitions_and_rewards_by_hand(pg, env):
+    # . . . . .      states row-major: S = 5, pit X = 7 and 16, goal G = 9, wall # = 12
+    # S . X . G
+    # . . # . .
+    # . X . . .
+    # . . . . .
+    assert (env.height, env.width, env.num_states, env.start) == (5, 5, 25, 5)
+    cases = [  # (state, action, next state, reward)
+        (5, UP, 0, -0.1),      # a plain move
+        (5, LEFT, 5, -0.1),    # off the grid: stay, pay the step
+        (5, RIGHT, 6, -0.1),
+        (6, RIGHT, 5, -1.0),   # into the pit: back to the start
+        (15, RIGHT, 5, -1.0),  # the other pit
+        (11, RIGHT, 11, -0.1),  # into the wall: stay
+        (17, UP, 17, -0.1),    # the wall from below
+        (8, RIGHT, 5, 1.0),    # into the goal: +1, back to the start
+        (4, DOWN, 5, 1.0),     # the goal from above
+        (14, UP, 5, 1.0),      # ... and from below
+        (24, DOWN, 24, -0.1),  # bottom-right corner
+        (0, UP, 0, -0.1),
+    ]
+    for s, a, s_next, r in cases:
+        assert env.next_state[s, a] == s_next, (s, a)
+        assert env.reward[s, a] == pytest.approx(r), (s, a)
+    # the traced step is the same table lookup, vectorised
+    s = jnp.array([c[0] for c in cases])
+    a = jnp.array([c[1] for c in cases])
+    s_next, r = env.step(s, a)
+    np.testing.assert_array_equal(s_next, [c[2] for c in cases])
+    np.testing.assert_allclose(r, [c[3] for c in cases], rtol=1e-6)
+    for bad in (("S.", "."), ("..", ".."), ("SS",), ("S?",)):
+        with pytest.raises(ValueError):
+            pg.GridWorld(bad)
+
+
+def test_episode_program_writes_the_rewards_of_the_detour(pg, env):
+    # right, up, right, right, down, right: around the pit into the goal, then up again
+    actions = [RIGHT, UP, RIGHT, RIGHT, DOWN, RIGHT, UP]
+    fn = functools.partial(pg.episode, env, len(actions), 1, True)
+    data = {f"a{t}": jnp.array([a]) for t, a in enumerate(actions)}
+    tr = sg.handlers.trace(sg.handlers.seed(sg.handlers.substitute(fn, data), 0)).get_trace()
+    rewards = [float(tr[f"r{t}"]["fn"].log_prob(tr[f"r{t}"]["value"])[0])
+               for t in range(len(actions))]
+    np.testing.assert_allclose(rewards, [-0.1] * 5 + [1.0, -0.1], rtol=1e-6)
+    whole = functools.partial(pg.episode, env, len(actions), 1, False)
+    tr = sg.handlers.trace(sg.handlers.seed(sg.handlers.substitute(whole, data), 0)).get_trace()
+    assert float(tr["return"]["fn"].log_prob(tr["return"]["value"])[0]) == pytest.approx(0.4)
+
+
+def test_exact_return_and_optimum_against_enumeration(pg, env):
+    logits = 0.7 * jax.random.normal(jax.random.key(3), (env.num_states, 4))
+
+    @jax.jit
+    def both(logits):
+        probs, rewards = enumerate_episodes(env, logits, HORIZON)
+        by_sequences = lambda lg: enumerated_return(env, lg, HORIZON)
+        by_states = lambda lg: pg.exact_return(env, lg, HORIZON)
+        return (probs, rewards.sum(1), by_states(logits), by_sequences(logits),
+                jax.grad(by_states)(logits), jax.grad(by_sequences)(logits))
+
+    probs, returns, exact, enumerated, grad_exact, grad_enumerated = both(logits)
+    assert probs.shape == (4**HORIZON,)
+    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(exact, enumerated, rtol=1e-5)
+    np.testing.assert_allclose(grad_exact, grad_enumerated, atol=1e-5)
+    assert np.abs(grad_exact).max() > 0.01
+    # deterministic transitions: the best policy's return is the best action sequence's
+    assert pg.optimal_return(env, HORIZON) == pytest.approx(float(returns.max()))
+    assert pg.optimal_return(env, HORIZON) == pytest.approx(0.5)  # the detour, once
+    assert pg.optimal_return(env, 20) == pytest.approx(3 * 0.5 - 0.2)  # three laps
+    uniform = jnp.zeros((env.num_states, 4))
+    assert float(jax.jit(pg.exact_return, static_argnums=(0, 2))(env, uniform, 20)) == \
+        pytest.approx(-3.177, abs=1e-3)
+    occupancy = pg.occupancy(env, uniform, 20)
+    np.testing.assert_allclose(occupancy.sum(1), 1.0, rtol=1e-5)  # a distribution per step
+
+
+# --- (2) credit assignment from data flow ------------------------------------------------
+
+
+def test_credit_is_rewards_to_go_per_step_and_the_whole_return_otherwise(pg, env):
+    per_step = sg.graph(functools.partial(pg.episode, env, HORIZON, 3, True))
+    for t in range(HORIZON):
+        assert per_step.credited_costs(f"a{t}") == tuple(f"r{u}" for u in range(t, HORIZON))
+    # element by element: episode n's action only with episode n's rewards
+    assert per_step.nodes["a3"].plates == ("episodes",)
+    assert per_step.shared_plates("a3", "r5") == ("episodes",)
+    whole = sg.graph(functools.partial(pg.episode, env, HORIZON, 3, False))
+    assert tuple(whole.costs) == ("return",)
+    for t in range(HORIZON):
+        assert whole.credited_costs(f"a{t}") == ("return",)
+    assert whole.shared_plates("a3", "return") == ("episodes",)
+
+
+# --- (3), (4) unbiased against the exact gradient; lower variance per step ----------------
+
+
+@pytest.fixture(scope="module")
+def instance(pg, env):
+    """Random logits, the exact gradient of the mean return, and gradient samples of both
+    programs with the score function and a moving-average baseline already at ``E[G_t]`` (per
+    step) or ``E[R]`` (whole return): the best constant baselines, in use."""
+    logits = 0.5 * jax.random.normal(jax.random.key(0), (env.num_states, 4))
+    params = {"logits": logits}
+
+    @jax.jit
+    def exact_quantities(logits):
+        probs, rewards = enumerate_episodes(env, logits, HORIZON)
+        to_go = jnp.cumsum(rewards[:, ::-1], axis=1)[:, ::-1]  # G_t, per sequence
+        grad = jax.grad(lambda lg: enumerated_return(env, lg, HORIZON))(logits)
+        return grad, probs @ to_go
+
+    exact, expected_to_go = exact_quantities(logits)
+    expected_to_go = np.asarray(expected_to_go)
+    objective = sg.Expectation()
+    samples = {}
+    for name, per_step in pg.VARIANTS.items():
+        fn = functools.partial(pg.episode, env, HORIZON, BATCH, per_step,
+                               estimator=pg.make_estimator("score"))
+        state = objective.init_state(0, params, fn)
+        assert set(state) == {f"a{t}" for t in range(HORIZON)}
+        # a MovingAverage state whose bias-corrected mean is the exact expected signal (the
+        # factors are divided by B, so the signal of one element is G_t / B)
+        state = {site: {"mean": jnp.float32(expected_to_go[int(site[1:]) if per_step else 0]
+                                            / BATCH),
+                        "steps": jnp.int32(1000)} for site in state}
+        loss = lambda key, p, fn=fn, state=state: objective.loss_with_state(
+            key, p, state, fn)[0]
+        samples[name] = grad_samples(loss, params, NUM_SAMPLES, seed=1)["logits"]
+    return {"exact": exact, "samples": samples, "params": params}
+
+
+@pytest.mark.parametrize("variant", ["rewards-to-go", "whole return"])
+def test_both_estimators_are_unbiased(instance, variant):
+    assert_unbiased({"logits": instance["samples"][variant]}, {"logits": instance["exact"]})
+
+
+def test_rloo_is_unbiased_too(pg, env, instance):
+    horizon = 2  # short: one more compilation
+    params = instance["params"]
+    exact = jax.grad(lambda lg: enumerated_return(env, lg, horizon))(params["logits"])
+    fn = functools.partial(pg.episode, env, horizon, 1, True,
+                           estimator=pg.make_estimator("rloo"))
+    loss = lambda key, p: sg.Expectation(num_particles=2).loss(key, p, fn)
+    assert_unbiased(grad_samples(loss, params, 4000, seed=2), {"logits": exact})
+
+
+def test_rewards_to_go_has_lower_gradient_variance(instance):
+    per_step = np.var(np.asarray(instance["samples"]["rewards-to-go"]), axis=0)
+    whole = np.var(np.asarray(instance["samples"]["whole return"]), axis=0)
+    # measured: whole / per-step = 1.8 in total (6000 samples, SE of each total ~3%)
+    assert whole.sum() > 1.4 * per_step.sum(), (whole.sum(), per_step.sum())
+    # the start state's logits (every step can be there) gain the most
+    assert whole[5].sum() > 1.4 * per_step[5].sum()
+
+
+# --- (5) the script -----------------------------------------------------------------------
+
+
+def test_flags_are_checked(pg):
+    for argv in (["--steps", "0"], ["--lr", "0"], ["--seeds", "a,b"], ["--checkpoints", "1"],
+                 ["--estimator", "rloo", "--num-particles", "1"], ["--variance-samples", "1"]):
+        with pytest.raises(SystemExit):
+            pg.parse(argv)
+    assert pg.parse(["--estimator", "rloo"]).num_particles == 2
+    assert pg.parse(["--seed", "7"]).seeds == [7]
+
+
+def test_main_smoke(pg, tmp_path, capsys):
+    result = pg.main(["--steps", "12", "--seeds", "0,1", "--batch-size", "2", "--horizon", "3",
+                      "--eval-every", "4", "--checkpoints", "3", "--variance-samples", "16",
+                      "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "ms/step" in out and "a2 is credited with r2" in out
+    for name in ("returns.png", "variance.png", "policy.png"):
+        path = tmp_path / name
+        assert path.is_file() and path.stat().st_size > 1000, path
+    dot = (tmp_path / "graph.dot").read_text()
+    assert dot.startswith("digraph") and '"r2"' in dot and "dashed" in dot
+    assert result["credited"] == {"rewards-to-go": ("r2",), "whole return": ("return",)}
+    assert result["optimal_return"] == pytest.approx(-0.3)  # the goal is 6 moves away
+    assert set(result["variants"]) == {"rewards-to-go", "whole return"}
+    for name, r in result["variants"].items():
+        np.testing.assert_array_equal(r["eval_steps"], [0, 4, 8, 12])
+        assert r["returns"].shape == (2, 4) and np.all(np.isfinite(r["returns"])), name
+        # every run starts from the uniform policy
+        np.testing.assert_allclose(r["returns"][:, 0], result["uniform_return"], rtol=1e-5)
+        np.testing.assert_array_equal(r["variance_steps"], [0, 6, 12])
+        assert r["variances"].shape == (2, 3) and np.all(r["variances"] > 0), name
+        assert np.all(np.isfinite(r["variances"]))
+        assert math.isfinite(r["final_return"]) and math.isfinite(r["variance_ratio"])
+        assert r["ms_per_step"] > 0
+        assert set(r["signal_variance"]["initial"]) == {f"a{t}" for t in range(3)}
+    assert result["variants"]["rewards-to-go"]["variance_ratio"] == pytest.approx(1.0)

@@ -67,14 +67,15 @@ import numpy as np
 import optax
 
 import scgjax as sg
-from scgjax import dist
 from scgjax.data import dynamic_binarize
 
 if __package__:  # imported as examples.iwae_mnist
     from . import _common as common
+    from . import vae_mnist
 else:  # run as a script, or loaded from its file path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _common as common
+    import vae_mnist
 
 NUM_PIXELS = 784
 #: the key that binarises the test images once, the same for every model, K and seed
@@ -111,26 +112,9 @@ class Decoder(nn.Module):
 
 
 def build(latent_dim: int = 50, hidden: int = 200) -> tuple[Callable, Callable]:
-    """The model and guide, as functions ``(x, num=None)`` of a ``(B, 784)`` batch.
-
-    With ``x=None`` the model draws ``num`` images instead of scoring data (``generate``).
-    """
-    encoder, decoder = Encoder(latent_dim, hidden), Decoder(hidden)
-
-    def model(x: jax.Array | None, num: int | None = None) -> None:
-        decode = sg.module("decoder", decoder, jnp.zeros((1, latent_dim)))
-        prior = dist.Normal(jnp.zeros(latent_dim), 1.0).to_event(1)
-        with sg.plate("data", num if x is None else x.shape[0]):
-            z = sg.sample("z", prior)
-            sg.sample("x", dist.Bernoulli(logits=decode(z)).to_event(1), obs=x)
-
-    def guide(x: jax.Array, num: int | None = None) -> None:
-        encode = sg.module("encoder", encoder, jnp.zeros((1, NUM_PIXELS)))
-        with sg.plate("data", x.shape[0]):
-            loc, scale = encode(x)
-            sg.sample("z", dist.Normal(loc, scale).to_event(1))  # pathwise by default
-
-    return model, guide
+    """The Gaussian VAE of ``vae_mnist`` (:func:`vae_mnist.gaussian_vae`) with Burda et al.'s
+    two-hidden-layer tanh networks, as functions ``(x, num=None)`` of a ``(B, 784)`` batch."""
+    return vae_mnist.gaussian_vae(Encoder(latent_dim, hidden), Decoder(hidden), latent_dim)
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,12 +74,11 @@ class Decoder(nn.Module):
         return nn.Dense(NUM_PIXELS)(h)
 
 
-def build(latent_dim: int = 20, hidden: int = 400) -> tuple[Callable, Callable]:
-    """The model and guide, as functions ``(x, num=None)`` of a ``(B, 784)`` batch.
-
-    With ``x=None`` the model draws ``num`` images instead of scoring data (``generate``).
-    """
-    encoder, decoder = Encoder(latent_dim, hidden), Decoder(hidden)
+def gaussian_vae(encoder: nn.Module, decoder: nn.Module, latent_dim: int
+                 ) -> tuple[Callable, Callable]:
+    """The model and guide of a Gaussian-latent VAE with these networks (``encoder: x -> (mu,
+    sigma)``, ``decoder: z -> logits``), as functions ``(x, num=None)`` of a ``(B, 784)``
+    batch. With ``x=None`` the model draws ``num`` images instead of scoring data."""
 
     def model(x: jax.Array | None, num: int | None = None) -> None:
         decode = sg.module("decoder", decoder, jnp.zeros((1, latent_dim)))
@@ -95,6 +94,11 @@ def build(latent_dim: int = 20, hidden: int = 400) -> tuple[Callable, Callable]:
             sg.sample("z", dist.Normal(loc, scale).to_event(1))  # pathwise by default
 
     return model, guide
+
+
+def build(latent_dim: int = 20, hidden: int = 400) -> tuple[Callable, Callable]:
+    """The model and guide (:func:`gaussian_vae`) with one-hidden-layer ReLU MLPs."""
+    return gaussian_vae(Encoder(latent_dim, hidden), Decoder(hidden), latent_dim)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

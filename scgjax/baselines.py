@@ -188,7 +188,9 @@ class Neural:
     where ``c`` and ``v`` are running (exponential, ``decay``, bias-corrected as in Adam)
     estimates of the mean and variance of the residual ``Q_w - b_psi(x)`` over particles and
     plate elements, kept in the estimator state; ``b_psi`` then predicts ``Q_w - c`` and is
-    trained on ``mean((Q_w - c - b_psi(x))^2) / max(1, sqrt(v))`` (NVIL's Algorithm 1). Unlike
+    trained on ``mean((Q_w - c - b_psi(x))^2) / max(1, sqrt(v))`` (NVIL's Algorithm 1; on the
+    first step, before any running mean exists, ``c`` is the batch mean of ``Q_w - b_psi(x)``
+    in the training term, so the network is not first fitted to the raw signal). Unlike
     Algorithm 1, ``c`` and ``v`` come from earlier steps only (they are updated after use), so
     the estimate stays unbiased *up to the factor* ``1 / max(1, sqrt(v))``: the site's score
     gradient is a scaled unbiased estimate (a per-site step-size change, which matters when a
@@ -283,6 +285,12 @@ class Neural:
         scale = 1.0
         if self.normalise:
             c, scale = self._statistics(ctx.state)
+            # Before any step there is no running mean: centre on this batch's mean residual
+            # (the training term never biases the program's gradient). Centring on 0 instead
+            # would fit b_psi to the raw signal, often hundreds of nats, and that one huge
+            # gradient would dominate Adam's second-moment estimate for thousands of steps.
+            first = ctx.state["steps"] == 0
+            c = jnp.where(first, jax.lax.stop_gradient(jnp.mean(target - pred)), c)
             target = target - c
         mse = jnp.mean((target - pred) ** 2) / jax.lax.stop_gradient(scale)
         return -(mse - jax.lax.stop_gradient(mse))

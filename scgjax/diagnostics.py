@@ -180,6 +180,7 @@ def gradient_variance(objective: Objective, params: dict, rng_key: Any,
                         "after rng_key")
     args = programs_and_args[n_programs:]
     arrays, rebuild = split_static((args, kwargs))
+    run = _variance_runner(objective, programs, rebuild, with_signals)
 
     chunk = min(chunk_size, num_samples)
     n_chunks = -(-num_samples // chunk)
@@ -189,6 +190,37 @@ def gradient_variance(objective: Objective, params: dict, rng_key: Any,
     mask = jnp.arange(n_chunks * chunk) < num_samples
     keys = keys.reshape(n_chunks, chunk)
     mask = mask.reshape(n_chunks, chunk)
+    g_stats, s_stats = run(keys, mask, params, state, arrays)
+    is_stats = lambda x: isinstance(x, _Moments)
+    mean = jax.tree.map(lambda s: s.mean, g_stats, is_leaf=is_stats)
+    var = jax.tree.map(lambda s: s.m2 / (s.n - 1.0), g_stats, is_leaf=is_stats)
+    snr = jax.tree.map(lambda m, v: jnp.abs(m) / jnp.sqrt(v), mean, var)
+    signal_variance = {w: float(jnp.mean(s.m2 / (s.n - 1.0))) for w, s in s_stats.items()}
+    return GradientVariance(mean, var, snr, signal_variance, num_samples)
+
+
+_RUNNERS: dict[Any, Callable] = {}
+_MAX_RUNNERS = 32
+
+
+def _variance_runner(objective: Objective, programs: tuple, rebuild: Callable,
+                     with_signals: bool) -> Callable:
+    """The jitted ``run(keys, mask, params, state, arrays)`` of :func:`gradient_variance`.
+
+    Built once per objective configuration, programs, non-array arguments and
+    ``with_signals`` (a small cache), so that repeated calls (e.g. at checkpoints of a
+    training run) reuse one compiled function instead of tracing and compiling anew. The key
+    holds the objective's attributes, so an objective changed in place gets a new runner;
+    arguments that cannot be hashed skip the cache.
+    """
+    try:
+        key = (type(objective), tuple(sorted(vars(objective).items())), programs,
+               rebuild.signature, with_signals)
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _RUNNERS:
+        return _RUNNERS[key]
     estimate = _estimate_fn(objective, programs, rebuild, with_signals)
     is_stats = lambda x: isinstance(x, _Moments)
 
@@ -208,12 +240,11 @@ def gradient_variance(objective: Objective, params: dict, rng_key: Any,
         per_chunk = jax.lax.scan(one_chunk, None, (keys, mask))[1]
         return jax.tree.map(_pool, per_chunk, is_leaf=is_stats)
 
-    g_stats, s_stats = run(keys, mask, params, state, arrays)
-    mean = jax.tree.map(lambda s: s.mean, g_stats, is_leaf=is_stats)
-    var = jax.tree.map(lambda s: s.m2 / (s.n - 1.0), g_stats, is_leaf=is_stats)
-    snr = jax.tree.map(lambda m, v: jnp.abs(m) / jnp.sqrt(v), mean, var)
-    signal_variance = {w: float(jnp.mean(s.m2 / (s.n - 1.0))) for w, s in s_stats.items()}
-    return GradientVariance(mean, var, snr, signal_variance, num_samples)
+    if key is not None:
+        if len(_RUNNERS) >= _MAX_RUNNERS:
+            _RUNNERS.pop(next(iter(_RUNNERS)))
+        _RUNNERS[key] = run
+    return run
 
 
 def _estimate_fn(objective: Objective, programs: tuple, rebuild: Callable,

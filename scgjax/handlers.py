@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro.distributions import biject_to, constraints
 
 from scgjax.errors import ScgjaxError, SiteError
@@ -339,7 +340,8 @@ class scale(Messenger):
 
     def __init__(self, fn: Callable | None = None, scale: Any = 1.0):
         super().__init__(fn)
-        if not isinstance(scale, jax.core.Tracer) and bool(jnp.any(jnp.asarray(scale) <= 0)):
+        # numpy, not jnp: under jit a jnp comparison of a Python float is staged into a tracer
+        if not isinstance(scale, jax.core.Tracer) and bool(np.any(np.asarray(scale) <= 0)):
             raise ScgjaxError(f"scale must be positive, got {scale}")
         self.scale = scale
 

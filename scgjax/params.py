@@ -98,7 +98,10 @@ def strong_types(tree: Any) -> Any:
 
 def split_static(tree: Any) -> tuple[list, Callable[[list], Any]]:
     """Split a pytree into its array leaves and a function that rebuilds it from them (the
-    other leaves, such as Python ints, strings or callables, are kept as they are)."""
+    other leaves, such as Python ints, strings or callables, are kept as they are).
+
+    ``rebuild.signature`` is the tree structure and the static leaves: two trees with equal
+    signatures differ only in their arrays."""
     leaves, treedef = jax.tree.flatten(tree)
     dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
 
@@ -107,6 +110,9 @@ def split_static(tree: Any) -> tuple[list, Callable[[list], Any]]:
         return jax.tree.unflatten(treedef, [next(it) if d else x
                                             for x, d in zip(leaves, dynamic, strict=True)])
 
+    # what identifies ``rebuild`` (a cache key; hashable when the static leaves are)
+    rebuild.signature = (treedef, tuple(None if d else (x,) for x, d in
+                                        zip(leaves, dynamic, strict=True)))
     return [x for x, d in zip(leaves, dynamic, strict=True) if d], rebuild
 
 

@@ -311,6 +311,34 @@ def test_normalised_neural_baseline_is_a_scaled_unbiased_estimator():
     assert_unbiased(program_part(samples), scaled)
 
 
+def test_normalised_neural_baseline_first_step_centres_on_the_batch():
+    # Before any running mean exists, b_psi is trained on Q - mean(Q - b_psi), not on the raw
+    # signal Q (which would be one huge gradient for Adam to remember).
+    x = jnp.asarray(models.MIX_X)
+    inputs = x[:, None]
+    guide = mixture_with(neural(inputs, normalise=True))
+    params = sg.init_params(0, models.mixture_model, guide, x)
+    obj = sg.ELBO(num_particles=2)
+    obj.record_signals = True
+    state = obj.init_state(0, params, models.mixture_model, guide, x)
+    loss = lambda p, k: obj.loss_with_state(k, p, state, models.mixture_model, guide, x)
+    (_, (_, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        params, jax.random.key(3))
+    signal = metrics["learning_signals"]["z"]
+
+    def mse(psi, centre):
+        pred = MLP().apply({"params": psi}, inputs)
+        c = jnp.mean(signal - pred) if centre else 0.0
+        return jnp.mean((signal - jax.lax.stop_gradient(c) - pred) ** 2)
+
+    psi = params["z$baseline"]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+                 grads["z$baseline"], jax.grad(mse)(psi, True))
+    raw = jax.grad(mse)(psi, False)  # the gradient on the raw signal is much larger
+    assert float(jnp.abs(raw["Dense_0"]["bias"]).max()) > 3 * float(
+        jnp.abs(grads["z$baseline"]["Dense_0"]["bias"]).max())
+
+
 def test_normalised_neural_baseline_trains_and_stays_finite():
     x = jnp.asarray(models.MIX_X)
     guide = mixture_with(neural(x[:, None], normalise=True))

@@ -79,6 +79,21 @@ def test_scale_and_mask():
     np.testing.assert_allclose(masked, lp[0] + lp[2], rtol=1e-6)
 
 
+def test_scale_created_under_jit():
+    # a Python-float scale made inside a jitted function is checked without tracing it
+    def program():
+        sg.sample("x", dist.Normal(0.0, 1.0), obs=1.0)
+
+    @jax.jit
+    def loss(key):
+        return sg.Expectation().loss(key, {}, sg.handlers.scale(program, 0.5))
+
+    expected = -0.5 * dist.Normal(0.0, 1.0).log_prob(1.0)
+    np.testing.assert_allclose(loss(jax.random.key(0)), expected, rtol=1e-6)
+    with pytest.raises(sg.ScgjaxError, match="scale must be positive"):
+        sg.handlers.scale(program, -1.0)
+
+
 def test_masked_latent_elements_earn_no_credit():
     def program():
         t = sg.param("t", jnp.zeros(2))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -191,12 +192,14 @@ class TrainResult:
 
 
 def train(svi: sg.SVI, rng_key: jax.Array, batches: Callable[[], jax.Array], num_steps: int,
-          *, progress: bool = True, batch_size: int | None = None) -> TrainResult:
+          *, progress: bool = True, batch_size: int | None = None,
+          label: str = "elbo") -> TrainResult:
     """Run ``num_steps`` of ``svi.update(state, batch)`` on batches from ``batches()``.
 
     ``svi.run`` repeats the same arguments every step, so mini-batching needs this loop; it
     shows the same kind of progress bar (the running ELBO per image when ``batch_size`` is
-    given). The first step, which compiles, is timed apart from the others.
+    given, shown as ``label``: e.g. ``"L_K"`` under IWAE). The first step, which compiles, is
+    timed apart from the others.
     """
     first = batches()
     state = jax.jit(svi.init)(rng_key, first)  # jitted: faster than running init op by op
@@ -220,7 +223,7 @@ def train(svi: sg.SVI, rng_key: jax.Array, batches: Callable[[], jax.Array], num
             start = time.perf_counter()
         if bar is not None and (i % every == 0 or i == num_steps - 1):
             recent = float(np.mean(jax.device_get(losses[-every:])))
-            bar.set_postfix_str(f"elbo {-recent * scale:.2f}")
+            bar.set_postfix_str(f"{label} {-recent * scale:.2f}")
             bar.update(i + 1 - bar.n)
         if i + 1 < num_steps:
             batch = batches()
@@ -231,6 +234,26 @@ def train(svi: sg.SVI, rng_key: jax.Array, batches: Callable[[], jax.Array], num
     per_step = seconds / (num_steps - 1) if num_steps > 1 else float("nan")
     return TrainResult(state.params, state, np.asarray(jax.device_get(losses)), compile_seconds,
                        per_step)
+
+
+@functools.lru_cache(maxsize=16)
+def _elbo_sum(model: Program, guide: Program, num_particles: int) -> Callable:
+    """The jitted sum of ELBOs over a stack of image batches, built once per model, guide and
+    ``K`` (so that evaluating at every checkpoint does not compile anew)."""
+    objective = sg.ELBO(num_particles=num_particles)
+
+    @jax.jit
+    def total(params: dict, key: jax.Array, xs: jax.Array) -> jax.Array:
+        def one(key_and_x):
+            key, x = key_and_x
+            key_bin, key_elbo = jax.random.split(key)
+            xb = dynamic_binarize(key_bin, x)
+            return -objective.loss(key_elbo, params, model, guide, xb)
+
+        keys = jax.random.split(key, xs.shape[0])
+        return jax.lax.map(one, (keys, xs)).sum()
+
+    return total
 
 
 def evaluate_elbo(model: Program, guide: Program, params: dict, images: np.ndarray,
@@ -244,22 +267,11 @@ def evaluate_elbo(model: Program, guide: Program, params: dict, images: np.ndarr
     (an RLOO site needs ``K >= 2`` even just to evaluate); the expected value does not depend
     on ``K``.
     """
-    objective = sg.ELBO(num_particles=num_particles)
+    total = _elbo_sum(model, guide, num_particles)
     images = jnp.asarray(images)
     n = int(images.shape[0])
     batch_size = min(batch_size, n)
     full, rest = divmod(n, batch_size)
-
-    @jax.jit
-    def total(params: dict, key: jax.Array, xs: jax.Array) -> jax.Array:
-        def one(key_and_x):
-            key, x = key_and_x
-            key_bin, key_elbo = jax.random.split(key)
-            xb = dynamic_binarize(key_bin, x)
-            return -objective.loss(key_elbo, params, model, guide, xb)
-
-        keys = jax.random.split(key, xs.shape[0])
-        return jax.lax.map(one, (keys, xs)).sum()
 
     key_full, key_rest = jax.random.split(rng_key)
     elbo = total(params, key_full,

@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         svi = sg.SVI(model, guide, optax.adam(args.lr), sg.IWAE(num_particles=k))
         batches = common.Batches(data.train, args.batch_size, key_batches)  # same for every K
         run = common.train(svi, key_train, batches, args.steps, progress=not args.no_progress,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, label=f"L_{k}")
         bound_per_step = -run.losses / args.batch_size
         train_bound = float(np.mean(bound_per_step[-100:]))
         print(f"{args.steps} steps: first step (compilation) {run.compile_seconds:.2f} s, then "

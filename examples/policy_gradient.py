@@ -81,7 +81,18 @@ It prints a table: final return, steps to reach 90% of the way from the uniform 
 return to the optimum, gradient variance and its ratio to the rewards-to-go variant's, ms per
 step.
 
-Run (about a minute on a 2-core CPU with the defaults)::
+Results with the defaults (600 steps, 5 seeds, B = 8, T = 20, score function + moving
+average; exact returns, deterministic given the seeds)::
+
+    variant         final return     steps to 90%  grad variance  variance / rtg
+    rewards-to-go  1.271 ± 0.004  228 (5/5 seeds)         0.1776            1.00
+    whole return   1.259 ± 0.004  274 (5/5 seeds)         0.3158            1.78
+
+(``--estimator rloo --num-particles 2 --seeds 0,1,2``: 207 vs 250 steps, variance ratio 1.58.)
+Per step, the rewards-to-go program costs more (``T`` cost nodes instead of one, each with its
+own credit): about 0.8 against 0.6 ms on a 2-core CPU.
+
+Run (about 40 s of CPU time; 1.5 minutes on a shared 2-core CPU)::
 
     python examples/policy_gradient.py                       # 600 steps, 5 seeds, B = 8, T = 20
     python examples/policy_gradient.py --estimator rloo --num-particles 2 --seeds 0,1,2
@@ -456,8 +467,9 @@ def plot_variance(path: Path, runs: dict[str, list[RunResult]],
     ax2.set_xlabel("time step t of the action a_t")
     ax2.set_ylabel("learning-signal variance per episode")
     ax2.set_title("variance of what a_t is credited with (first seed)", fontsize=9)
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.grid(alpha=0.3, which="both")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

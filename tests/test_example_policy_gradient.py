@@ -196,23 +196,14 @@ def test_both_estimators_are_unbiased(instance, variant):
     assert_unbiased({"logits": instance["samples"][variant]}, {"logits": instance["exact"]})
 
 
-def test_rloo_is_unbiased_too(pg, env, instance):
-    horizon = 2  # short: one more compilation
-    params = instance["params"]
-    exact = jax.grad(lambda lg: enumerated_return(env, lg, horizon))(params["logits"])
-    fn = functools.partial(pg.episode, env, horizon, 1, True,
-                           estimator=pg.make_estimator("rloo"))
-    loss = lambda key, p: sg.Expectation(num_particles=2).loss(key, p, fn)
-    assert_unbiased(grad_samples(loss, params, 4000, seed=2), {"logits": exact})
-
-
 def test_rewards_to_go_has_lower_gradient_variance(instance):
     per_step = np.var(np.asarray(instance["samples"]["rewards-to-go"]), axis=0)
     whole = np.var(np.asarray(instance["samples"]["whole return"]), axis=0)
-    # measured: whole / per-step = 1.8 in total (6000 samples, SE of each total ~3%)
-    assert whole.sum() > 1.4 * per_step.sum(), (whole.sum(), per_step.sum())
-    # the start state's logits (every step can be there) gain the most
-    assert whole[5].sum() > 1.4 * per_step[5].sum()
+    # both with the best constant baselines (E[G_t], E[R]); measured with T = 6, B = 2: whole /
+    # per-step = 1.53 in total and 1.60 on the start state's logits (1.54, 1.64 with other
+    # keys; the start state is where every time step can be)
+    assert whole.sum() > 1.3 * per_step.sum(), (whole.sum(), per_step.sum())
+    assert whole[5].sum() > 1.3 * per_step[5].sum(), (whole[5].sum(), per_step[5].sum())
 
 
 # --- (5) the script -----------------------------------------------------------------------
@@ -228,18 +219,18 @@ def test_flags_are_checked(pg):
 
 
 def test_main_smoke(pg, tmp_path, capsys):
-    result = pg.main(["--steps", "12", "--seeds", "0,1", "--batch-size", "2", "--horizon", "3",
+    result = pg.main(["--steps", "12", "--seeds", "0,1", "--batch-size", "2", "--horizon", "2",
                       "--eval-every", "4", "--checkpoints", "3", "--variance-samples", "16",
                       "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "ms/step" in out and "a2 is credited with r2" in out
+    assert "ms/step" in out and "a1 is credited with r1" in out
     for name in ("returns.png", "variance.png", "policy.png"):
         path = tmp_path / name
         assert path.is_file() and path.stat().st_size > 1000, path
     dot = (tmp_path / "graph.dot").read_text()
-    assert dot.startswith("digraph") and '"r2"' in dot and "dashed" in dot
-    assert result["credited"] == {"rewards-to-go": ("r2",), "whole return": ("return",)}
-    assert result["optimal_return"] == pytest.approx(-0.3)  # the goal is 6 moves away
+    assert dot.startswith("digraph") and '"r1"' in dot and "dashed" in dot
+    assert result["credited"] == {"rewards-to-go": ("r1",), "whole return": ("return",)}
+    assert result["optimal_return"] == pytest.approx(-0.2)  # the goal is 6 moves away
     assert set(result["variants"]) == {"rewards-to-go", "whole return"}
     for name, r in result["variants"].items():
         np.testing.assert_array_equal(r["eval_steps"], [0, 4, 8, 12])
@@ -251,5 +242,5 @@ def test_main_smoke(pg, tmp_path, capsys):
         assert np.all(np.isfinite(r["variances"]))
         assert math.isfinite(r["final_return"]) and math.isfinite(r["variance_ratio"])
         assert r["ms_per_step"] > 0
-        assert set(r["signal_variance"]["initial"]) == {f"a{t}" for t in range(3)}
+        assert set(r["signal_variance"]["initial"]) == {"a0", "a1"}
     assert result["variants"]["rewards-to-go"]["variance_ratio"] == pytest.approx(1.0)

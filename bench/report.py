@@ -6,6 +6,7 @@ so a section can be re-run alone and the report rebuilt from the others' last re
 
     python bench/report.py                          # every section (about 30-40 min on 2 CPUs)
     python bench/report.py --sections step examples # re-run two, keep the estimators' results
+    python bench/report.py --sections examples --examples nvil_sbn  # one example
     python bench/report.py --sections               # only rebuild BENCHMARKS.md
     python bench/report.py --quick                  # smoke run (into out/report_quick/)
 
@@ -13,16 +14,18 @@ Sections:
 
 - ``step``: ``bench/bench_step.py`` (one jitted SVI step of scgjax vs hand-written JAX vs
   NumPyro's TraceGraph_ELBO, interleaved rounds, paired ratios);
-- ``estimators``: ``bench/bench_estimators.py`` (the binary VAE trained with every estimator:
-  held-out ELBO, gradient variance, time per step, over seeds);
+- ``estimators``: ``bench/bench_estimators.py`` (the linear and the nonlinear binary VAE
+  trained with every estimator: held-out ELBO, gradient variance, time per step, over seeds);
 - ``examples``: every script in ``examples/`` with its default flags; a table of its numbers
-  and its main figure per example.
+  and its main figures per example (each kept in ``bench/results/examples/<name>.md``, so
+  ``--examples`` re-runs a few and keeps the others).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib.util
 import io
@@ -68,10 +71,19 @@ def run_step(quick: bool, results: Path) -> str:
 
 
 def run_estimators(quick: bool, results: Path) -> str:
-    """``bench_estimators.py``'s table; its plot lands in ``results/estimators.png``."""
-    load(ROOT / "bench" / "bench_estimators.py").main(
-        ["--out", str(results)] + (["--quick"] * quick))
-    return (results / "estimators.md").read_text()
+    """``bench_estimators.py``'s tables for the linear and the nonlinear binary VAE; the
+    linear plot is ``results/estimators.png``, the nonlinear one is shown in the text."""
+    bench = load(ROOT / "bench" / "bench_estimators.py")
+    bench.main(["--out", str(results)] + (["--quick"] * quick))
+    bench.main(["--out", str(results), "--architecture", "nonlinear"] + (["--quick"] * quick))
+    figures = results / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy(results / "estimators_nonlinear.png", figures / "estimators_nonlinear.png")
+    return "\n".join([
+        "### Linear binary VAE (784-200-784)", "", (results / "estimators.md").read_text(), "",
+        "### Nonlinear binary VAE (784-200-200-200, LeakyReLU)", "",
+        (results / "estimators_nonlinear.md").read_text(), "",
+        "![nonlinear binary VAE](figures/estimators_nonlinear.png)", ""])
 
 
 def fmt(value: Any, spec: str = ".2f") -> str:
@@ -118,38 +130,131 @@ def rws_gmm_table(r: dict) -> str:
                   "ms/step"], rows)
 
 
-#: ``name -> (flags for --quick, formatter of main's results, main figure file name)``
-EXAMPLES: dict[str, tuple[list[str], Callable[[dict], str], str]] = {
-    "vae_mnist": (["--steps", "50"], elbo_table, "loss_curve.png"),
-    "binary_vae_mnist": (["--steps", "50"], elbo_table, "loss_curve.png"),
-    "iwae_mnist": (["--steps", "20", "--particles-list", "1,5", "--eval-particles", "100",
-                    "--eval-images", "20"], iwae_table, "bounds.png"),
-    "rws_gmm": (["--steps", "100", "--clusters", "5"], rws_gmm_table, "rws_gmm.png"),
+def nvil_table(r: dict) -> str:
+    """``examples/nvil_sbn.py``: ELBOs and gradient variance of each baseline variant."""
+    rows = [[name, fmt(run.train_elbo), fmt(run.test_elbo), fmt(run.variance[-1], ".3g"),
+             fmt(1e3 * run.seconds_per_step)] for name, run in r["runs"].items()]
+    ratio = r.get("variance_ratio")
+    notes = [f"Layers {r['layers']}. Credit sets as in the thesis: "
+             f"{'yes' if r['credit_matches_thesis'] else 'NO'}."]
+    if ratio is not None:
+        notes.append(f"Gradient variance of the learned baselines / no baseline at the nvil "
+                     f"run's final parameters: {ratio:.3g}.")
+    return table(["baselines", "train ELBO", "test ELBO", "guide grad variance (end)",
+                  "ms/step"], rows) + "\n\n" + " ".join(notes)
+
+
+def ssvae_table(r: dict) -> str:
+    """``examples/ssvae_mnist.py``: accuracy from 100 labels with each estimator of ``y``."""
+    rows = [[v["label"], v["num_particles"], fmt(v["train_elbo"]), fmt(v["test_bound"]),
+             fmt(v["test_accuracy"], ".3f"), fmt(1e3 * v["seconds_per_step"])]
+            for v in r["results"].values()]
+    return table(["estimator of y", "K", "train bound J/N", "test bound U(x)",
+                  "test accuracy", "ms/step"], rows) + f"\n\nα = {r['alpha']}, {r['steps']} steps."
+
+
+def policy_table(r: dict) -> str:
+    """``examples/policy_gradient.py``: return, speed and variance of each credit rule."""
+    rows = []
+    for name, v in r["variants"].items():
+        reached = [s for s in v["steps_to_threshold"] if not np.isnan(s)]
+        steps = (f"{np.mean(reached):.0f} ({len(reached)}/{len(v['steps_to_threshold'])} seeds)"
+                 if reached else "not reached")
+        rows.append([name, fmt(v["final_return"], ".3f"), steps, fmt(v["variance"], ".4g"),
+                     fmt(v["variance_ratio"]), fmt(v["ms_per_step"])])
+    return table(["credit", "final return", "steps to target", "grad variance (geo. mean)",
+                  "variance / rewards-to-go", "ms/step"], rows) + (
+        f"\n\nExact expected returns: optimum {r['optimal_return']:.3f}, uniform policy "
+        f"{r['uniform_return']:.3f}, target {r['target_return']:.3f}.")
+
+
+def amortised_ws_table(r: dict) -> str:
+    """``examples/amortised_ws.py``: the ring's fit and the MNIST generator's MMD."""
+    rows = []
+    if "ring" in r:
+        g = r["ring"]
+        rows += [["ring: held-out log p(x)", fmt(g["log_lik_initial"]), fmt(g["log_lik"]),
+                  f"true parameters: {g['log_lik_true']:.2f}"],
+                 ["ring: aligned patch MSE", fmt(g["aligned_mse_initial"], ".4f"),
+                  fmt(g["aligned_mse"], ".4f"), f"mean patch: {g['aligned_mse_baseline']:.4f}"]]
+    if "mnist" in r:
+        m = r["mnist"]
+        rows.append(["MNIST: MMD² to test images", fmt(m["mmd_initial"], ".4f"),
+                     fmt(m["mmd"], ".4f"), f"mean image: {m['mmd_mean_image']:.4f}"])
+    return table(["measure", "initial", "trained", "reference"], rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """How the report runs one script of ``examples/`` and shows its results."""
+
+    quick_flags: list[str]  #: flags of a smoke run (``--quick``)
+    formatter: Callable[[dict], str]  #: ``main``'s results -> a markdown table
+    figures: tuple[str, ...]  #: files of ``--out`` shown in the report
+
+
+EXAMPLES: dict[str, Example] = {
+    "vae_mnist": Example(["--steps", "50"], elbo_table, ("loss_curve.png",)),
+    "binary_vae_mnist": Example(["--steps", "50"], elbo_table, ("loss_curve.png",)),
+    "iwae_mnist": Example(["--steps", "20", "--particles-list", "1,5", "--eval-particles", "100",
+                           "--eval-images", "20"], iwae_table, ("bounds.png",)),
+    "rws_gmm": Example(["--steps", "100", "--clusters", "5"], rws_gmm_table, ("rws_gmm.png",)),
+    "nvil_sbn": Example(["--steps", "30", "--layers", "20-10-5", "--checkpoints", "2",
+                         "--variance-samples", "20"], nvil_table,
+                        ("training.png", "variance.png")),
+    "ssvae_mnist": Example(["--steps", "30"], ssvae_table, ("training.png", "analogies.png")),
+    "policy_gradient": Example(["--steps", "30", "--seeds", "0", "--checkpoints", "2",
+                                "--variance-samples", "20"], policy_table,
+                               ("returns.png", "variance.png")),
+    "amortised_ws": Example(["--experiment", "ring", "--steps", "20"], amortised_ws_table,
+                            ("ring_patches.png", "ring_training.png", "mnist_samples.png")),
 }
 
 
-def run_examples(quick: bool, results: Path) -> str:
-    """Every registered example with its default flags (``--quick``: a few steps)."""
-    parts = []
+def run_example(name: str, quick: bool, results: Path) -> str:
+    """Run ``examples/<name>.py`` (its default flags; ``quick``: a few steps) and return its
+    section, whose figures are copied to ``results/figures/<name>_<file>``."""
+    example = EXAMPLES[name]
+    module = load(ROOT / "examples" / f"{name}.py")
+    out = ROOT / "out" / ("report_quick" if quick else "report") / name
+    argv = ["--out", str(out), "--no-progress"] + (example.quick_flags if quick else [])
+    start = time.perf_counter()
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        numbers = module.main(argv)
+    seconds = time.perf_counter() - start
+    print(captured.getvalue())
     figures = results / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for name, (quick_flags, formatter, figure) in EXAMPLES.items():
-        module = load(ROOT / "examples" / f"{name}.py")
-        out = ROOT / "out" / "report" / name
-        argv = ["--out", str(out), "--no-progress"] + (quick_flags if quick else [])
-        start = time.perf_counter()
-        captured = io.StringIO()
-        with contextlib.redirect_stdout(captured):
-            numbers = module.main(argv)
-        seconds = time.perf_counter() - start
-        print(captured.getvalue())
-        shutil.copy(out / figure, figures / f"{name}.png")
-        doc = (module.__doc__ or name).strip().split("\n")[0]
-        parts.append("\n".join([
-            f"### `examples/{name}.py`", "", doc, "",
-            f"`python examples/{name}.py {' '.join(quick_flags) if quick else ''}`".replace(
-                " `", "`") + f" ({seconds:.0f} s including data loading and plots)", "",
-            formatter(numbers), "", f"![{name}](figures/{name}.png)", ""]))
+    links = []
+    for figure in example.figures:
+        if not (out / figure).exists():  # e.g. an experiment a smoke run leaves out
+            print(f"[{name}] no {figure}; left out of the report", file=sys.stderr)
+            continue
+        target = f"{name}_{figure}"
+        shutil.copy(out / figure, figures / target)
+        links.append(f"![{name}: {Path(figure).stem}](figures/{target})")
+    doc = (module.__doc__ or name).strip().split("\n")[0]
+    flags = " ".join(example.quick_flags) if quick else ""
+    command = f"python examples/{name}.py {flags}".strip()
+    return "\n".join([f"### `examples/{name}.py`", "", doc, "",
+                      f"`{command}` ({seconds:.0f} s including data loading and plots)", "",
+                      example.formatter(numbers), "", *links, ""])
+
+
+def run_examples(quick: bool, results: Path, names: Sequence[str] | None = None) -> str:
+    """Run the examples ``names`` (default: all registered), keeping each one's section in
+    ``results/examples/<name>.md``; return all sections that exist, in registry order."""
+    parts_dir = results / "examples"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for name in names if names is not None else EXAMPLES:
+        (parts_dir / f"{name}.md").write_text(run_example(name, quick, results).strip() + "\n")
+    parts = []
+    for name in EXAMPLES:
+        path = parts_dir / f"{name}.md"
+        parts.append(path.read_text() if path.exists() else
+                     f"### `examples/{name}.py`\n\n(not measured yet: `python bench/report.py "
+                     f"--sections examples --examples {name}`)\n")
     return "\n".join(parts)
 
 
@@ -201,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS),
                    help="sections to re-run (default: all; none: only rebuild the report)")
+    p.add_argument("--examples", nargs="+", choices=list(EXAMPLES), default=None,
+                   help="with the examples section: re-run only these (default: all); the "
+                   "others keep their last results")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps each")
     p.add_argument("--output", type=Path, default=None,
                    help="the report (default: BENCHMARKS.md; with --quick, "
@@ -216,7 +324,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     output.parent.mkdir(parents=True, exist_ok=True)
     for section in args.sections:
         start = time.perf_counter()
-        text = RUNNERS[section](args.quick, results)
+        if section == "examples":
+            text = run_examples(args.quick, results, args.examples)
+        else:
+            text = RUNNERS[section](args.quick, results)
         (results / f"{section}.md").write_text(text.strip() + "\n")
         print(f"[{section}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
     report = build_report(results, output)

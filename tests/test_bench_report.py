@@ -38,3 +38,32 @@ def test_every_registered_example_exists():
     report = _report()
     for name in report.EXAMPLES:
         assert (ROOT / "examples" / f"{name}.py").is_file(), name
+
+
+def test_examples_section_keeps_each_example_and_marks_the_missing(tmp_path):
+    report = _report()
+    parts = tmp_path / "examples"
+    parts.mkdir()
+    first, *others = list(report.EXAMPLES)
+    (parts / f"{first}.md").write_text(f"### `examples/{first}.py`\n\nkept table\n")
+    text = report.run_examples(False, tmp_path, names=[])  # re-run none: assemble only
+    assert "kept table" in text
+    for name in others:
+        assert f"--examples {name}" in text  # says how to measure it
+    order = [text.index(f"`examples/{name}.py`") for name in report.EXAMPLES]
+    assert order == sorted(order)
+
+
+def test_example_tables_format_results():
+    report = _report()
+    ssvae = {"alpha": 1.0, "steps": 10, "results": {"enumerate": {
+        "label": "Enumerate", "num_particles": 1, "train_elbo": -120.0, "test_bound": -130.5,
+        "test_accuracy": 0.7291, "seconds_per_step": 0.01}}}
+    text = report.ssvae_table(ssvae)
+    assert "| Enumerate | 1 | -120.00 | -130.50 | 0.729 | 10.00 |" in text
+    policy = {"optimal_return": 1.0, "uniform_return": 0.1, "target_return": 0.9,
+              "variants": {"rewards-to-go": {"final_return": 0.95, "variance": 2.0,
+                                             "steps_to_threshold": [100.0, float("nan")],
+                                             "variance_ratio": 1.0, "ms_per_step": 3.0}}}
+    assert "| rewards-to-go | 0.950 | 100 (1/2 seeds) | 2 | 1.00 | 3.00 |" in (
+        report.policy_table(policy))

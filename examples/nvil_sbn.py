@@ -438,6 +438,8 @@ class VarianceMeter:
     def __call__(self, key: jax.Array, params: dict, state: Any = None) -> dict[str, float]:
         """The variance per layer (``"h1"``: summed over ``q_h1``'s elements, ...), ``ddof=1``,
         over ``num_samples`` estimates with keys ``jax.random.split(key, num_samples)``."""
+        if not jax.tree.leaves(state):  # {} per site or None: one compilation for both
+            state = None
         means, m2s = jax.device_get(self._run(key, params, state))
         out = {}
         for site in LAYERS:

@@ -1,9 +1,11 @@
 """Compare the gradient estimators of the binary VAE: training ELBO, encoder-gradient variance
 and time per step, for the same seeds, data batches and initial parameters.
 
-The model is the one of ``examples/binary_vae_mnist.py`` (``build(estimator)``: linear
-784 -> 200 Bernoulli-latent encoder and 200 -> 784 decoder, learned prior logits), the
-benchmark of the ARM / DisARM / double-control-variates papers. Every estimator in
+The model is the one of ``examples/binary_vae_mnist.py`` (``build(estimator, architecture=...)``,
+the benchmark of the ARM / DisARM / double-control-variates papers, learned prior logits):
+``--architecture linear`` (default: 784 -> 200 Bernoulli-latent linear encoder, 200 -> 784
+linear decoder) or ``nonlinear`` (encoder 784-200-200-200 and decoder 200-200-200-784 with
+LeakyReLU(0.3) hidden units, the papers' nonlinear model). Every estimator in
 ``examples.binary_vae_mnist.ESTIMATORS`` (``--estimators``; by default all of them, plus the
 benchmark-local ``reinforce`` = ``sg.ScoreFunction()``, REINFORCE with no baseline) is trained
 with ``sg.SVI``, ``optax.adam(--lr)`` and ``sg.ELBO(num_particles=K)`` with the same ``K``
@@ -40,7 +42,9 @@ call minus the steady-state step.
 
 Outputs in ``--out``: ``estimators.md`` (machine, settings, the table), ``estimators.png``
 (training ELBO and encoder-gradient variance against steps, mean over seeds with the min-max
-band), ``estimators.json`` (all curves and numbers). ``--quick`` is a smoke run (< 1 minute).
+band), ``estimators.json`` (all curves and numbers); with ``--architecture nonlinear`` they are
+``estimators_nonlinear.md/.png/.json`` (:func:`output_stem`). ``--quick`` is a smoke run
+(< 1 minute).
 
 Run ``python bench/bench_estimators.py --help`` for the flags. Set
 ``SCGJAX_DATA_DIR=/path/to/mnist`` (IDX files) for the real MNIST splits; without a test split
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -110,11 +115,21 @@ def registry() -> dict[str, vae.EstimatorChoice]:
 
 
 def encoder_param_names(guide: Callable, params: dict, x: jax.Array) -> list[str]:
-    """Names of the guide's ``param`` sites (the encoder), estimator params excluded."""
-    program = sg.handlers.seed(sg.handlers.substitute_unconstrained(guide, params),
-                               jax.random.key(0))
-    tr = sg.handlers.trace(program).get_trace(x)
-    return [n for n, s in tr.items() if s["type"] == "param" and "$" not in n]
+    """Names of the guide's ``param`` sites (the encoder), estimator params excluded.
+
+    The guide is traced abstractly (``jax.eval_shape``: nothing is computed or compiled), so
+    ``params`` may be arrays or ``jax.ShapeDtypeStruct``s."""
+    names: list[str] = []
+
+    def run(params: dict, x: jax.Array) -> int:
+        program = sg.handlers.seed(sg.handlers.substitute_unconstrained(guide, params),
+                                   jax.random.key(0))
+        tr = sg.handlers.trace(program).get_trace(x)
+        names.extend(n for n, s in tr.items() if s["type"] == "param" and "$" not in n)
+        return 0
+
+    jax.eval_shape(run, params, x)
+    return names
 
 
 GradStats = Callable[[dict, dict, jax.Array, jax.Array], tuple[jax.Array, ...]]
@@ -208,16 +223,17 @@ def seed_keys(seed: int) -> dict[str, jax.Array]:
     return dict(zip(names, jax.random.split(jax.random.key(seed), len(names)), strict=True))
 
 
-def shared_init(seed: int, x: jax.Array) -> dict:
+def shared_init(seed: int, x: jax.Array, architecture: str = "linear") -> dict:
     """Initial model and guide params every estimator starts from (for one seed)."""
-    model, guide = vae.build(sg.ScoreFunction())
+    model, guide = vae.build(sg.ScoreFunction(), architecture=architecture)
     return sg.init_params(seed_keys(seed)["init"], model, guide, x)
 
 
 def split_params(setup_params: dict, base: dict, name: str) -> dict:
     """The params of an estimator's model and guide that are not the shared ones (its own
-    estimator params); checks that the shared ones have the same structure and shapes."""
-    shape = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+    estimator params); checks that the shared ones have the same structure and shapes
+    (``setup_params`` may be ``jax.ShapeDtypeStruct``s)."""
+    shape = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
     missing = sorted(set(base) - set(setup_params))
     if missing:
         raise ValueError(f"{name}: the model/guide have no params {missing}")
@@ -231,11 +247,13 @@ def split_params(setup_params: dict, base: dict, name: str) -> dict:
 HeldOut = Callable[[dict, jax.Array], float]
 
 
-def make_heldout_elbo(images: np.ndarray, k: int, batch_size: int = 500) -> HeldOut:
+def make_heldout_elbo(images: np.ndarray, k: int, batch_size: int = 500,
+                      architecture: str = "linear") -> HeldOut:
     """``f(params, key) -> ELBO per image`` on ``images`` (binarised with ``key``), the logic
-    of ``_common.evaluate_elbo`` with the discrete model (``sg.ScoreFunction()``), compiled
-    once for all estimators. Uses the first ``batch_size * (n // batch_size)`` images."""
-    model, guide = vae.build(sg.ScoreFunction())
+    of ``_common.evaluate_elbo`` with the discrete model (``sg.ScoreFunction()``) of
+    ``architecture``, compiled once for all estimators. Uses the first
+    ``batch_size * (n // batch_size)`` images."""
+    model, guide = vae.build(sg.ScoreFunction(), architecture=architecture)
     objective = sg.ELBO(num_particles=k)
     batch_size = min(batch_size, len(images))
     full = len(images) // batch_size
@@ -262,7 +280,9 @@ def train_one(setup: Setup, args: argparse.Namespace, data: common.Data, seed: i
     batches = common.Batches(data.train, args.batch_size, keys["batches"])
     batch = batches()
     params0 = {**setup.estimator_params, **base}
-    state = jax.jit(setup.svi.init)(keys["svi"], batch, init_params_=params0)
+    # Params given: init only builds the optimiser and estimator states, which is faster op by
+    # op than compiling it (this matters for the short runs of --quick and the notebook).
+    state = setup.svi.init(keys["svi"], batch, init_params_=params0)
     eval_steps: list[int] = []
     variance: list[float] = []
     squared_mean: list[float] = []
@@ -386,7 +406,7 @@ def table(results: dict[str, Result], last: int) -> str:
     return "\n".join(rows)
 
 
-def plot(path: Path, results: dict[str, Result], steps: int, title: str) -> None:
+def figure(results: dict[str, Result], steps: int, title: str) -> matplotlib.figure.Figure:
     """Two panels: smoothed training ELBO and encoder-gradient variance against steps; the
     line is the mean over seeds (geometric mean for the variance), the band the min-max."""
     fig, (ax_elbo, ax_var) = plt.subplots(1, 2, figsize=(12.0, 4.5))
@@ -425,8 +445,20 @@ def plot(path: Path, results: dict[str, Result], steps: int, title: str) -> None
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot(path: Path, results: dict[str, Result], steps: int, title: str) -> None:
+    """Save :func:`figure` to ``path``."""
+    fig = figure(results, steps, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def output_stem(architecture: str) -> str:
+    """The outputs' file name without suffix: ``estimators`` for the linear model,
+    ``estimators_<architecture>`` otherwise."""
+    return "estimators" if architecture == "linear" else f"estimators_{architecture}"
 
 
 def to_json(results: dict[str, Result], settings: dict) -> dict:
@@ -463,6 +495,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--estimators", nargs="+", default=None,
                    help="estimators to compare (default: reinforce and every entry of "
                    "binary_vae_mnist.ESTIMATORS)")
+    p.add_argument("--architecture", choices=sorted(vae.ARCHITECTURES), default="linear",
+                   help="binary VAE: linear 784-200-784 (default; outputs estimators.*) or "
+                   "nonlinear 784-200-200-200 with LeakyReLU (outputs estimators_nonlinear.*)")
     p.add_argument("--num-particles", type=int, default=2, help="K for all (default 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 3000)")
@@ -524,8 +559,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Result]:
     # sorted by digit), binarised once.
     pick = np.random.default_rng(12345).choice(len(data.train), args.batch_size, replace=False)
     x_eval = dynamic_binarize(jax.random.key(12345), jnp.asarray(data.train[np.sort(pick)]))
-    heldout = make_heldout_elbo(test, k)
-    bases = {seed: shared_init(seed, x_eval) for seed in args.seeds}
+    heldout = make_heldout_elbo(test, k, architecture=args.architecture)
+    bases = {seed: shared_init(seed, x_eval, args.architecture) for seed in args.seeds}
 
     available = registry()
     results: dict[str, Result] = {}
@@ -539,12 +574,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Result]:
             continue
         try:
             estimator = choice.make()
-            model, guide = vae.build(estimator)
+            model, guide = vae.build(estimator, architecture=args.architecture)
             objective = sg.ELBO(num_particles=k)
             svi = sg.SVI(model, guide, optax.adam(args.lr), objective)
-            params = sg.init_params(seed_keys(args.seeds[0])["init"], model, guide, x_eval)
-            own = split_params(params, bases[args.seeds[0]], name)
-            names = encoder_param_names(guide, params, x_eval)
+            init = functools.partial(sg.init_params, seed_keys(args.seeds[0])["init"], model,
+                                     guide)
+            shapes = jax.eval_shape(init, x_eval)  # abstract: no eager ops to compile
+            own = split_params(shapes, bases[args.seeds[0]], name)
+            if own:  # the estimator's own params (e.g. DCV's "z$alpha"): their initial values
+                own = split_params(init(x_eval), bases[args.seeds[0]], name)
+            names = encoder_param_names(guide, shapes, x_eval)
             stats = make_grad_stats(objective, model, guide, names, args.grad_samples,
                                     args.grad_chunk)
             setups.append(Setup(name, k, estimator, model, guide, svi, names, stats, own))
@@ -577,7 +616,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Result]:
     elapsed = time.perf_counter() - t_start
     last = min(args.eval_every, args.steps)
     settings = {
-        "machine": info, "estimators": args.estimators, "num_particles": k,
+        "machine": info, "architecture": args.architecture,
+        "model": vae.describe(args.architecture), "estimators": args.estimators,
+        "num_particles": k,
         "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "eval_every": args.eval_every, "grad_samples": args.grad_samples,
         "train": f"{len(data.train)} images from {data.train_source}",
@@ -590,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Result]:
         f"Load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
         f"the run took {elapsed:.0f} s.",
         "",
-        f"Binary VAE (linear 784-{vae.LATENT_DIM}-784, Bernoulli latents), Adam lr {args.lr}, "
+        f"Binary VAE ({settings['model']}, {vae.LATENT_DIM} Bernoulli latents), Adam lr {args.lr}, "
         f"batch {args.batch_size}, K={k}, {args.steps} steps, seeds {args.seeds} (same init "
         f"and batches for every estimator). Train: {settings['train']}; held-out: "
         f"{settings['held_out']}. Mean ± std over seeds. Train ELBO: mean of the last {last} "
@@ -607,14 +648,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Result]:
     ])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "estimators.md").write_text(text + "\n")
-    plot(args.out / "estimators.png", results, args.steps,
-         f"binary VAE, K={k}, batch {args.batch_size}, Adam {args.lr}, seeds {args.seeds}")
-    with open(args.out / "estimators.json", "w") as f:
+    paths = {ext: args.out / f"{output_stem(args.architecture)}.{ext}"
+             for ext in ("md", "png", "json")}
+    paths["md"].write_text(text + "\n")
+    plot(paths["png"], results, args.steps, plot_title(args))
+    with open(paths["json"], "w") as f:
         json.dump(to_json(results, settings), f)
-    print(f"wrote {args.out / 'estimators.md'}, {args.out / 'estimators.png'}, "
-          f"{args.out / 'estimators.json'}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return results
+
+
+def plot_title(args: argparse.Namespace) -> str:
+    """The title of the plot of a run with flags ``args``."""
+    return (f"{args.architecture} binary VAE, K={args.num_particles}, batch {args.batch_size}, "
+            f"Adam {args.lr}, seeds {args.seeds}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,30 @@
-"""Linear VAE with 200 binary latents on MNIST, trained with score-function estimators.
+"""Binary-latent VAE on MNIST (linear or nonlinear), trained with score-function estimators.
 
-The benchmark model of the ARM / DisARM / double-control-variates papers (Yin & Zhou, ICLR
+The benchmark models of the ARM / DisARM / double-control-variates papers (Yin & Zhou, ICLR
 2019; Dong, Mnih & Tucker, NeurIPS 2020; Titsias & Shi, AISTATS 2022), for each dynamically
 binarised image ``x`` in {0, 1}^784 and latent ``z`` in {0, 1}^200::
 
     p(z)     = prod_j Bernoulli(z_j | sigmoid(a_j))                a: learned 200-vector
-    p(x | z) = prod_i Bernoulli(x_i | sigmoid((W z + b)_i))        flax nn.Dense(784)
-    q(z | x) = prod_j Bernoulli(z_j | sigmoid((W' x + b')_j))      flax nn.Dense(200)
+    p(x | z) = prod_i Bernoulli(x_i | sigmoid(dec(z)_i))
+    q(z | x) = prod_j Bernoulli(z_j | sigmoid(enc(x)_j))
 
     ELBO(x) = E_q(z|x)[ log p(x | z) + log p(z) - log q(z | x) ].
+
+``--architecture`` (:data:`ARCHITECTURES`) chooses ``enc`` and ``dec``:
+
+- ``linear`` (default): ``enc(x) = W' x + b'`` (flax ``nn.Dense(200)``) and
+  ``dec(z) = W z + b`` (``nn.Dense(784)``), 784-200-784;
+- ``nonlinear``: two hidden layers of 200 LeakyReLU units on each side, 784-200-200-200 and
+  200-200-200-784 (:class:`MLP`)::
+
+      enc(x) = W3' h2 + b3',  h2 = lrelu(W2' h1 + b2'),  h1 = lrelu(W1' x + b1')
+      dec(z) = W3 g2 + b3,    g2 = lrelu(W2 g1 + b2),    g1 = lrelu(W1 z + b1)
+      lrelu(u) = max(u, 0.3 u)
+
+  as in the DisARM and double-CV code (google-research ``disarm/experiment_launcher.py`` and
+  thjashin/double-cv ``experiment_launcher_singlelayer.py``: ``encoder_type='nonlinear'``,
+  Keras ``LeakyReLU(alpha=0.3)``). Weights start at flax's defaults (LeCun-normal kernels,
+  zero biases) in both models, where the papers' Keras code uses Glorot-uniform kernels.
 
 ``z`` is discrete, so there is no pathwise gradient for the encoder: the guide's ``z`` site is
 given a score-function estimator (``--estimator``)
@@ -31,7 +47,7 @@ Other code (the benchmarks in ``bench/``) reuses exactly this model::
 
     from examples.binary_vae_mnist import build, make_estimator
     estimator, k = make_estimator("rloo")            # (sg.RLOO(), 2)
-    model, guide = build(estimator)
+    model, guide = build(estimator)                  # or build(estimator, architecture="nonlinear")
     svi = sg.SVI(model, guide, optax.adam(1e-3), sg.ELBO(num_particles=k))
     state = svi.init(key, x_batch); state, loss = svi.update(state, x_batch)
 
@@ -39,6 +55,7 @@ Run (about a minute on a 2-core CPU with the defaults)::
 
     python examples/binary_vae_mnist.py                          # score, K=1, 10000 steps
     python examples/binary_vae_mnist.py --estimator rloo --num-particles 4
+    python examples/binary_vae_mnist.py --architecture nonlinear --estimator disarm
 """
 
 from __future__ import annotations
@@ -65,6 +82,51 @@ else:  # run as a script, or loaded from its file path
 
 NUM_PIXELS = 784
 LATENT_DIM = 200
+#: Negative slope of the nonlinear model's LeakyReLU units (Keras' ``LeakyReLU(alpha=0.3)`` in
+#: the DisARM and double-CV code).
+LEAKY_SLOPE = 0.3
+
+#: ``--architecture`` -> the hidden-layer widths of the encoder and of the (mirrored) decoder;
+#: no hidden layer is the linear model.
+ARCHITECTURES: dict[str, tuple[int, ...]] = {"linear": (), "nonlinear": (200, 200)}
+
+
+class MLP(nn.Module):
+    """``features`` outputs of ``len(hidden)`` LeakyReLU layers then a linear layer::
+
+        h_0 = x,   h_l = leaky_relu(W_l h_{l-1} + b_l, negative_slope),   out = W h_L + b
+
+    with ``nn.Dense`` layers named ``hidden_0``, ``hidden_1``, ... and ``out`` (whose bias
+    starts at ``bias_init``).
+    """
+
+    features: int
+    hidden: Sequence[int] = (200, 200)
+    negative_slope: float = LEAKY_SLOPE
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, width in enumerate(self.hidden):
+            x = nn.leaky_relu(nn.Dense(width, name=f"hidden_{i}")(x), self.negative_slope)
+        return nn.Dense(self.features, bias_init=self.bias_init, name="out")(x)
+
+
+def describe(architecture: str = "linear", latent_dim: int = LATENT_DIM) -> str:
+    """A one-line description of the encoder and decoder, e.g. ``"linear 784-200-784"``."""
+    hidden = _hidden(architecture)
+    if not hidden:
+        return f"{architecture} {NUM_PIXELS}-{latent_dim}-{NUM_PIXELS}"
+    enc = "-".join(map(str, (NUM_PIXELS, *hidden, latent_dim)))
+    dec = "-".join(map(str, (latent_dim, *reversed(hidden), NUM_PIXELS)))
+    return f"{architecture}: encoder {enc}, decoder {dec}, LeakyReLU({LEAKY_SLOPE})"
+
+
+def _hidden(architecture: str) -> tuple[int, ...]:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of "
+                         f"{sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +180,8 @@ def make_estimator(name: str, num_particles: int | None = None) -> tuple[sg.Esti
 
 
 def build(estimator: sg.Estimator | None = None, latent_dim: int = LATENT_DIM,
-          decoder_bias: np.ndarray | None = None) -> tuple[Callable, Callable]:
+          decoder_bias: np.ndarray | None = None, architecture: str = "linear",
+          ) -> tuple[Callable, Callable]:
     """The model and guide, as functions ``(x, num=None)`` of a ``(B, 784)`` binary batch.
 
     Args:
@@ -126,17 +189,29 @@ def build(estimator: sg.Estimator | None = None, latent_dim: int = LATENT_DIM,
             default for a discrete site: RLOO when K >= 2, else the score function with a
             moving-average baseline).
         latent_dim: number of binary latents (200 in the papers).
-        decoder_bias: optional initial value of the decoder bias ``b`` (784 logits, e.g. the
-            logit of the mean training image); zeros by default, as in the papers' code.
+        decoder_bias: optional initial value of the decoder's output bias ``b`` (784 logits,
+            e.g. the logit of the mean training image); zeros by default, as in the papers'
+            code.
+        architecture: a key of :data:`ARCHITECTURES`: ``"linear"`` (``nn.Dense`` encoder and
+            decoder, params ``encoder/kernel`` (784, 200) and ``decoder/kernel`` (200, 784)) or
+            ``"nonlinear"`` (:class:`MLP` with two hidden LeakyReLU layers of 200 on each side,
+            params ``encoder/{hidden_0,hidden_1,out}`` and likewise for the decoder).
 
     With ``x=None`` the model draws ``num`` images instead of scoring data.
+
+    Raises ``ValueError`` for an unknown architecture.
     """
+    hidden = _hidden(architecture)
     bias_init = nn.initializers.zeros
     if decoder_bias is not None:
         bias = jnp.asarray(decoder_bias, jnp.float32)
         bias_init = lambda key, shape, dtype=jnp.float32: jnp.broadcast_to(bias, shape)  # noqa: E731
-    decoder = nn.Dense(NUM_PIXELS, bias_init=bias_init)
-    encoder = nn.Dense(latent_dim)
+    if hidden:
+        decoder: nn.Module = MLP(NUM_PIXELS, tuple(reversed(hidden)), bias_init=bias_init)
+        encoder: nn.Module = MLP(latent_dim, hidden)
+    else:
+        decoder = nn.Dense(NUM_PIXELS, bias_init=bias_init)
+        encoder = nn.Dense(latent_dim)
 
     def model(x: jax.Array | None, num: int | None = None) -> None:
         prior_logits = sg.param("prior_logits", jnp.zeros(latent_dim))
@@ -156,27 +231,34 @@ def build(estimator: sg.Estimator | None = None, latent_dim: int = LATENT_DIM,
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train the binary VAE with the flags in ``argv`` (see ``--help``); return the results
-    dict of ``_common.run_experiment`` plus ``estimator`` and ``num_particles``."""
+    dict of ``_common.run_experiment`` plus ``estimator``, ``num_particles`` and
+    ``architecture``."""
     parser = common.make_parser("binary_vae_mnist", __doc__.split("\n")[0], steps=10000,
                                 batch_size=50, lr=1e-3)
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default="score",
                         help="gradient estimator of z (default: %(default)s): " + "; ".join(
                             f"{k}: {v.description} (default K={v.default_particles})"
                             for k, v in ESTIMATORS.items()))
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="linear",
+                        help="encoder and decoder (default: %(default)s): linear 784-200-784, "
+                        "or nonlinear 784-200-200-200 / 200-200-200-784 with LeakyReLU(0.3)")
     args = common.parse(parser, argv)
     try:
         estimator, k = make_estimator(args.estimator, args.num_particles)
     except ValueError as e:
         parser.error(str(e))
-    model, guide = build(estimator)
-    print(f"binary VAE: {LATENT_DIM} Bernoulli latents, linear encoder/decoder, estimator "
-          f"{estimator}, K={k}, batch {args.batch_size}, Adam lr {args.lr}, {args.steps} steps")
+    model, guide = build(estimator, architecture=args.architecture)
+    print(f"binary VAE ({describe(args.architecture)}): {LATENT_DIM} Bernoulli latents, "
+          f"estimator {estimator}, K={k}, batch {args.batch_size}, Adam lr {args.lr}, "
+          f"{args.steps} steps")
     # evaluate every estimator on the discrete ELBO (a relaxation trains on a relaxed one)
-    _, discrete_guide = build(sg.ScoreFunction())
+    _, discrete_guide = build(sg.ScoreFunction(), architecture=args.architecture)
+    title = "binary VAE" if args.architecture == "linear" else "nonlinear binary VAE"
     results = common.run_experiment(args, model, guide, sg.ELBO(num_particles=k),
-                                    f"binary VAE ({args.estimator}, K={k})",
+                                    f"{title} ({args.estimator}, K={k})",
                                     eval_guide=discrete_guide)
-    return {**results, "estimator": args.estimator, "num_particles": k}
+    return {**results, "estimator": args.estimator, "num_particles": k,
+            "architecture": args.architecture}
 
 
 if __name__ == "__main__":

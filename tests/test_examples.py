@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import math
 import struct
 import sys
@@ -118,17 +119,32 @@ def test_binary_vae_rloo_needs_two_particles(capsys):
         bvae.make_estimator("nope")
 
 
-def _trace_binary_vae(bvae: ModuleType, name: str) -> None:
+#: Param shapes of the two architectures: the papers' linear 784-200-784 model and their
+#: nonlinear one (encoder 784-200-200-200, decoder 200-200-200-784).
+SHAPES = {
+    "linear": {"prior_logits": (200,),
+               "encoder": {"kernel": (784, 200), "bias": (200,)},
+               "decoder": {"kernel": (200, 784), "bias": (784,)}},
+    "nonlinear": {"prior_logits": (200,),
+                  "encoder": {"hidden_0": {"kernel": (784, 200), "bias": (200,)},
+                              "hidden_1": {"kernel": (200, 200), "bias": (200,)},
+                              "out": {"kernel": (200, 200), "bias": (200,)}},
+                  "decoder": {"hidden_0": {"kernel": (200, 200), "bias": (200,)},
+                              "hidden_1": {"kernel": (200, 200), "bias": (200,)},
+                              "out": {"kernel": (200, 784), "bias": (784,)}}},
+}
+
+
+def _trace_binary_vae(bvae: ModuleType, name: str, architecture: str = "linear") -> None:
     """Build the model with estimator ``name`` and trace (not run) its params and ELBO."""
     estimator, k = bvae.make_estimator(name)
     assert isinstance(estimator, sg.Estimator)
     assert k == bvae.ESTIMATORS[name].default_particles
-    model, guide = bvae.build(estimator)
+    model, guide = bvae.build(estimator, architecture=architecture)
     x = jnp.zeros((3, 784))
     params = jax.eval_shape(lambda: sg.init_params(0, model, guide, x))
-    assert params["prior_logits"].shape == (200,)
-    assert params["encoder"]["kernel"].shape == (784, 200)
-    assert params["decoder"]["kernel"].shape == (200, 784)
+    shared = {n: v for n, v in params.items() if "$" not in n}  # not DCV's "z$alpha"
+    assert jax.tree.map(lambda a: tuple(a.shape), shared) == SHAPES[architecture]
     objective = sg.ELBO(num_particles=k)
     loss = jax.eval_shape(
         lambda p: objective.loss(jax.random.key(0), p, model, guide, x), params)
@@ -142,6 +158,89 @@ def test_binary_vae_is_reusable(capsys):
     assert capsys.readouterr().out == ""
     for name in bvae.ESTIMATORS:
         _trace_binary_vae(bvae, name)
+
+
+def test_binary_vae_nonlinear_builds():
+    """The nonlinear model: 784-200-200-200 / 200-200-200-784 params, and its ELBO traces with
+    the estimators that differentiate the learning signal in ``z`` (DCV, straight-through);
+    the linear one is the default; an unknown architecture is an error."""
+    bvae = _load("binary_vae_mnist")
+    for name in ("dcv", "st"):
+        _trace_binary_vae(bvae, name, "nonlinear")
+    x = jnp.zeros((2, 784))
+    model, guide = bvae.build()
+    params = jax.eval_shape(lambda: sg.init_params(0, model, guide, x))
+    assert jax.tree.map(lambda a: tuple(a.shape), params) == SHAPES["linear"]
+    with pytest.raises(ValueError, match="unknown architecture"):
+        bvae.build(architecture="conv")
+    assert bvae.describe("nonlinear").startswith("nonlinear: encoder 784-200-200-200, "
+                                                 "decoder 200-200-200-784")
+
+
+def test_binary_vae_mlp_is_leaky_relu_network():
+    """``MLP`` computes W3 lrelu(W2 lrelu(W1 x + b1) + b2) + b3 with slope 0.3, and the decoder's
+    output bias starts at ``decoder_bias``."""
+    bvae = _load("binary_vae_mnist")
+    mlp = bvae.MLP(3, (5, 4))
+    x = jax.random.normal(jax.random.key(0), (6, 7))
+    params = jax.jit(mlp.init)(jax.random.key(1), x)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * np.random.default_rng(2).normal(size=p.shape),
+                          params)  # nonzero biases
+    h = np.asarray(x, np.float64)
+    for layer in ("hidden_0", "hidden_1"):
+        h = h @ np.asarray(params[layer]["kernel"]) + np.asarray(params[layer]["bias"])
+        h = np.where(h > 0, h, 0.3 * h)
+    expected = h @ np.asarray(params["out"]["kernel"]) + np.asarray(params["out"]["bias"])
+    got = np.asarray(jax.jit(mlp.apply)({"params": params}, x))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert (h < 0).any()  # the negative slope was exercised
+
+    bias = np.linspace(-3.0, 3.0, 784).astype(np.float32)
+    model, guide = bvae.build(sg.RLOO(), decoder_bias=bias, architecture="nonlinear")
+    init = jax.jit(lambda x: sg.init_params(0, model, guide, x))(jnp.zeros((2, 784)))
+    np.testing.assert_array_equal(np.asarray(init["decoder"]["out"]["bias"]), bias)
+
+
+def test_binary_vae_mnist_nonlinear_smoke(data_dir, tmp_path, capsys):
+    bvae = _load("binary_vae_mnist")
+    out = tmp_path / "nonlinear"
+    results = bvae.main([*TINY, "--data-dir", str(data_dir), "--out", str(out),
+                         "--estimator", "disarm", "--architecture", "nonlinear"])
+    printed = capsys.readouterr().out
+    _check_run(results, out, printed)
+    assert results["architecture"] == "nonlinear" and results["num_particles"] == 2
+    assert "encoder 784-200-200-200" in printed
+    shapes = jax.tree.map(lambda a: tuple(a.shape), results["params"])
+    assert {n: v for n, v in shapes.items() if "$" not in n} == SHAPES["nonlinear"]
+
+
+def test_bench_estimators_nonlinear_writes_its_files(data_dir, tmp_path, monkeypatch):
+    """``bench_estimators.py --quick --architecture nonlinear`` (cut down further) writes
+    ``estimators_nonlinear.{md,png,json}``, not the linear model's files."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "bench"))
+    spec = importlib.util.spec_from_file_location("scgjax_bench_estimators_test",
+                                                  root / "bench" / "bench_estimators.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # for its dataclasses
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench"
+    results = bench.main(["--quick", "--architecture", "nonlinear", "--estimators", "rloo",
+                          "--steps", "4", "--eval-every", "2", "--grad-samples", "2",
+                          "--grad-chunk", "1", "--test-images", "40", "--timing-rounds", "1",
+                          "--timing-steps", "1", "--data-dir", str(data_dir),
+                          "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "estimators_nonlinear.json", "estimators_nonlinear.md", "estimators_nonlinear.png"]
+    text = (out / "estimators_nonlinear.md").read_text()
+    assert "Binary VAE (nonlinear: encoder 784-200-200-200, decoder 200-200-200-784" in text
+    saved = json.loads((out / "estimators_nonlinear.json").read_text())
+    assert saved["settings"]["architecture"] == "nonlinear"
+    run = results["rloo"].runs[0]
+    assert run.eval_steps == [0, 2, 4] and np.all(np.isfinite(run.variance))
+    assert math.isfinite(run.test_elbo) and run.test_elbo < 0
+    # the trained (and measured) model is the nonlinear one
+    assert run.final_state.params["encoder"]["hidden_1"]["kernel"].shape == (200, 200)
 
 
 def test_evaluate_elbo_matches_exact_log_likelihood():

@@ -70,20 +70,34 @@ def run_step(quick: bool, results: Path) -> str:
     return out.read_text()
 
 
-def run_estimators(quick: bool, results: Path) -> str:
-    """``bench_estimators.py``'s tables for the linear and the nonlinear binary VAE; the
-    linear plot is ``results/estimators.png``, the nonlinear one is shown in the text."""
+#: the binary VAEs of the estimators section: name -> (bench flags, heading, figure)
+ARCHITECTURES: dict[str, tuple[list[str], str]] = {
+    "linear": ([], "Linear binary VAE (784-200-784)"),
+    "nonlinear": (["--architecture", "nonlinear"],
+                  "Nonlinear binary VAE (784-200-200-200, LeakyReLU)"),
+}
+
+
+def run_estimators(quick: bool, results: Path, architectures: Sequence[str] | None = None
+                   ) -> str:
+    """``bench_estimators.py``'s tables for the binary VAEs ``architectures`` (default: both;
+    the others keep their last results), each with its plot."""
     bench = load(ROOT / "bench" / "bench_estimators.py")
-    bench.main(["--out", str(results)] + (["--quick"] * quick))
-    bench.main(["--out", str(results), "--architecture", "nonlinear"] + (["--quick"] * quick))
     figures = results / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    shutil.copy(results / "estimators_nonlinear.png", figures / "estimators_nonlinear.png")
-    return "\n".join([
-        "### Linear binary VAE (784-200-784)", "", (results / "estimators.md").read_text(), "",
-        "### Nonlinear binary VAE (784-200-200-200, LeakyReLU)", "",
-        (results / "estimators_nonlinear.md").read_text(), "",
-        "![nonlinear binary VAE](figures/estimators_nonlinear.png)", ""])
+    parts = []
+    for name, (flags, heading) in ARCHITECTURES.items():
+        stem = "estimators" if name == "linear" else f"estimators_{name}"
+        if architectures is None or name in architectures:
+            bench.main(["--out", str(results), *flags] + (["--quick"] * quick))
+            shutil.copy(results / f"{stem}.png", figures / f"{stem}.png")
+        text = ((results / f"{stem}.md").read_text() if (results / f"{stem}.md").exists() else
+                f"(not measured yet: `python bench/report.py --sections estimators "
+                f"--architectures {name}`)")
+        parts += [f"### {heading}", "", text.strip(), ""]
+        if (figures / f"{stem}.png").exists():
+            parts += [f"![{heading}](figures/{stem}.png)", ""]
+    return "\n".join(parts)
 
 
 def fmt(value: Any, spec: str = ".2f") -> str:
@@ -296,7 +310,7 @@ def build_report(results: Path, output: Path) -> str:
             continue
         text = path.read_text().strip().replace("](figures/", f"]({prefix}/figures/")
         lines += [text, ""]
-        if (results / f"{section}.png").exists():
+        if (results / f"{section}.png").exists() and f"/{section}.png)" not in text:
             lines += [f"![{section}]({prefix}/{section}.png)", ""]
     return "\n".join(lines)
 
@@ -309,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--examples", nargs="+", choices=list(EXAMPLES), default=None,
                    help="with the examples section: re-run only these (default: all); the "
                    "others keep their last results")
+    p.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=None,
+                   help="with the estimators section: re-run only these binary VAEs (default: "
+                   "both)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps each")
     p.add_argument("--output", type=Path, default=None,
                    help="the report (default: BENCHMARKS.md; with --quick, "
@@ -326,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         start = time.perf_counter()
         if section == "examples":
             text = run_examples(args.quick, results, args.examples)
+        elif section == "estimators":
+            text = run_estimators(args.quick, results, args.architectures)
         else:
             text = RUNNERS[section](args.quick, results)
         (results / f"{section}.md").write_text(text.strip() + "\n")

@@ -81,17 +81,18 @@ ARCHITECTURES: dict[str, tuple[list[str], str]] = {
 def run_estimators(quick: bool, results: Path, architectures: Sequence[str] | None = None
                    ) -> str:
     """``bench_estimators.py``'s tables for the binary VAEs ``architectures`` (default: both;
-    the others keep their last results), each with its plot."""
+    the others keep their last results in ``results/estimators/``), each with its plot."""
     bench = load(ROOT / "bench" / "bench_estimators.py")
     figures = results / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    saved = results / "estimators"  # the bench's own outputs, one set per architecture
     parts = []
     for name, (flags, heading) in ARCHITECTURES.items():
         stem = "estimators" if name == "linear" else f"estimators_{name}"
         if architectures is None or name in architectures:
-            bench.main(["--out", str(results), *flags] + (["--quick"] * quick))
-            shutil.copy(results / f"{stem}.png", figures / f"{stem}.png")
-        text = ((results / f"{stem}.md").read_text() if (results / f"{stem}.md").exists() else
+            bench.main(["--out", str(saved), *flags] + (["--quick"] * quick))
+            shutil.copy(saved / f"{stem}.png", figures / f"{stem}.png")
+        text = ((saved / f"{stem}.md").read_text() if (saved / f"{stem}.md").exists() else
                 f"(not measured yet: `python bench/report.py --sections estimators "
                 f"--architectures {name}`)")
         parts += [f"### {heading}", "", text.strip(), ""]
@@ -164,7 +165,9 @@ def ssvae_table(r: dict) -> str:
              fmt(v["test_accuracy"], ".3f"), fmt(1e3 * v["seconds_per_step"])]
             for v in r["results"].values()]
     return table(["estimator of y", "K", "train bound J/N", "test bound U(x)",
-                  "test accuracy", "ms/step"], rows) + f"\n\nα = {r['alpha']}, {r['steps']} steps."
+                  "test accuracy", "ms/step"], rows) + (
+        f"\n\n{r['steps']} steps; weight of the labels' log q(y|x) in J_α: α = {r['alpha']:g}"
+        " (the script's --alpha times N / N_l).")
 
 
 def policy_table(r: dict) -> str:
@@ -320,12 +323,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS),
                    help="sections to re-run (default: all; none: only rebuild the report)")
-    p.add_argument("--examples", nargs="+", choices=list(EXAMPLES), default=None,
-                   help="with the examples section: re-run only these (default: all); the "
-                   "others keep their last results")
-    p.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=None,
+    p.add_argument("--examples", nargs="*", choices=list(EXAMPLES), default=None,
+                   help="with the examples section: re-run only these (default: all; none: "
+                   "reassemble the section); the others keep their last results")
+    p.add_argument("--architectures", nargs="*", choices=list(ARCHITECTURES), default=None,
                    help="with the estimators section: re-run only these binary VAEs (default: "
-                   "both)")
+                   "both; none: reassemble the section from the saved results)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps each")
     p.add_argument("--output", type=Path, default=None,
                    help="the report (default: BENCHMARKS.md; with --quick, "

@@ -21,7 +21,7 @@ import numpy as np
 from scgjax import handlers
 from scgjax.objectives import program
 from scgjax.objectives.base import Objective
-from scgjax.params import split_static
+from scgjax.params import cached_build, split_static
 
 __all__ = ["GradientVariance", "gradient_variance"]
 
@@ -199,10 +199,6 @@ def gradient_variance(objective: Objective, params: dict, rng_key: Any,
     return GradientVariance(mean, var, snr, signal_variance, num_samples)
 
 
-_RUNNERS: dict[Any, Callable] = {}
-_MAX_RUNNERS = 32
-
-
 def _variance_runner(objective: Objective, programs: tuple, rebuild: Callable,
                      with_signals: bool) -> Callable:
     """The jitted ``run(keys, mask, params, state, arrays)`` of :func:`gradient_variance`.
@@ -214,13 +210,18 @@ def _variance_runner(objective: Objective, programs: tuple, rebuild: Callable,
     arguments that cannot be hashed skip the cache.
     """
     try:
-        key = (type(objective), tuple(sorted(vars(objective).items())), programs,
-               rebuild.signature, with_signals)
-        hash(key)
-    except TypeError:
-        key = None
-    if key is not None and key in _RUNNERS:
-        return _RUNNERS[key]
+        config = tuple(sorted(vars(objective).items()))
+    except TypeError:  # attributes that cannot be compared: a fresh runner
+        return _build_variance_runner(objective, programs, rebuild, with_signals)
+    key = ("gradient_variance", type(objective), config, programs, rebuild.signature,
+           with_signals)
+    return cached_build(key, lambda: _build_variance_runner(objective, programs, rebuild,
+                                                            with_signals))
+
+
+def _build_variance_runner(objective: Objective, programs: tuple, rebuild: Callable,
+                           with_signals: bool) -> Callable:
+    """The jitted runner of :func:`_variance_runner`."""
     estimate = _estimate_fn(objective, programs, rebuild, with_signals)
     is_stats = lambda x: isinstance(x, _Moments)
 
@@ -240,10 +241,6 @@ def _variance_runner(objective: Objective, programs: tuple, rebuild: Callable,
         per_chunk = jax.lax.scan(one_chunk, None, (keys, mask))[1]
         return jax.tree.map(_pool, per_chunk, is_leaf=is_stats)
 
-    if key is not None:
-        if len(_RUNNERS) >= _MAX_RUNNERS:
-            _RUNNERS.pop(next(iter(_RUNNERS)))
-        _RUNNERS[key] = run
     return run
 
 

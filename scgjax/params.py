@@ -36,15 +36,40 @@ def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *a
     """
     arrays, rebuild = split_static((args, kwargs))
 
-    @jax.jit
-    def initialise(key, arrays):
-        a, kw = rebuild(arrays)
-        sites, traces = _param_messages(key, model, guide, None, a, kw)
-        out = {n: _unconstrain(m) for n, m in sites.items()}
-        out.update(_estimator_params(jax.random.fold_in(key, 2), traces))
-        return out
+    def build() -> Callable:
+        @jax.jit
+        def initialise(key, arrays):
+            a, kw = rebuild(arrays)
+            sites, traces = _param_messages(key, model, guide, None, a, kw)
+            out = {n: _unconstrain(m) for n, m in sites.items()}
+            out.update(_estimator_params(jax.random.fold_in(key, 2), traces))
+            return out
 
+        return initialise
+
+    # one compiled initialiser per (model, guide, non-array arguments): SVI.init, graph() and
+    # repeated calls do not trace and compile the programs again
+    initialise = cached_build(("init_params", model, guide, rebuild.signature), build)
     return strong_types(initialise(handlers.as_prng_key(rng_key), arrays))
+
+
+_BUILT: dict[Any, Any] = {}
+_MAX_BUILT = 64
+
+
+def cached_build(key: Any, build: Callable[[], Any]) -> Any:
+    """``build()``, kept under ``key`` so that a later call with an equal key reuses it (e.g.
+    a jitted function, which then compiles once). A key that cannot be hashed (an argument
+    holding an array, say) is built every time. At most 64 are kept, the oldest dropped."""
+    try:
+        hash(key)
+    except TypeError:
+        return build()
+    if key not in _BUILT:
+        if len(_BUILT) >= _MAX_BUILT:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = build()
+    return _BUILT[key]
 
 
 def param_labels(model: Callable, guide: Callable | None = None, *args, rng_key: Any = 0,

@@ -76,3 +76,21 @@ def test_update_compiles_once_per_static_signature():
     assert len(svi._jitted) == 1 and np.isfinite(float(loss))
     (step,) = svi._jitted.values()
     assert step._cache_size() == 1  # the state's types are stable from the first call
+
+
+def test_init_params_traces_a_program_once_per_signature():
+    runs = []
+
+    def model(x, scale=1.0):
+        runs.append(1)  # a Python side effect: counts the traces
+        loc = sg.param("loc", 0.0)
+        with sg.plate("data", x.shape[0]):
+            sg.sample("x", dist.Normal(loc, scale), obs=x)
+
+    x = jnp.zeros(3)
+    first = sg.init_params(0, model, None, x)
+    sg.init_params(1, model, None, x + 1.0)  # new arrays, same structure: no new trace
+    assert len(runs) == 1
+    sg.init_params(0, model, None, x, scale=2.0)  # a new static argument: traced again
+    assert len(runs) == 2
+    assert float(first["loc"]) == 0.0

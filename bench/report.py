@@ -141,7 +141,7 @@ def rws_gmm_table(r: dict) -> str:
         rows.append([m["label"]] + [fmt(f.get(key), ".4f") for key in
                                     ("model_error", "mixture_kl", "log_px", "posterior_kl")]
                     + [fmt(m["ms_per_step"])])
-    return table(["method", "model error", "KL(p*||p_θ)", "held-out log p(x)", "posterior KL",
+    return table(["method", "model error", "KL(p* ‖ p_θ)", "held-out log p(x)", "posterior KL",
                   "ms/step"], rows)
 
 

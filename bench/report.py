@@ -235,11 +235,13 @@ def run_example(name: str, quick: bool, results: Path) -> str:
     module = load(ROOT / "examples" / f"{name}.py")
     out = ROOT / "out" / ("report_quick" if quick else "report") / name
     argv = ["--out", str(out), "--no-progress"] + (example.quick_flags if quick else [])
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         numbers = module.main(argv)
     seconds = time.perf_counter() - start
+    machine_load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     print(captured.getvalue())
     figures = results / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -255,7 +257,9 @@ def run_example(name: str, quick: bool, results: Path) -> str:
     flags = " ".join(example.quick_flags) if quick else ""
     command = f"python examples/{name}.py {flags}".strip()
     return "\n".join([f"### `examples/{name}.py`", "", doc, "",
-                      f"`{command}` ({seconds:.0f} s including data loading and plots)", "",
+                      f"`{command}` ({seconds:.0f} s including data loading and plots; "
+                      f"{machine_load})",
+                      "",
                       example.formatter(numbers), "", *links, ""])
 
 

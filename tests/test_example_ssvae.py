@@ -50,7 +50,7 @@ def test_ssvae_mnist_smoke(data_dir, tmp_path, capsys):  # noqa: F811
         assert path == out / f"{name}.png" and path.is_file() and path.stat().st_size > 1000
     assert run["estimators"] == ["enumerate", "rloo"]
     assert len(run["labelled_indices"]) == 20
-    assert run["alpha"] == pytest.approx(1.0 * 64 / 20)  # --alpha 1: alpha * N / N_l
+    assert run["alpha"] == pytest.approx(3.0 * 64 / 20)  # --alpha 3: alpha * N / N_l
     for name, res in run["results"].items():
         assert res["num_particles"] == (2 if name == "enumerate" else 4)
         assert 0.0 <= res["test_accuracy"] <= 1.0

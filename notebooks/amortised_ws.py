@@ -47,40 +47,24 @@
 
 # %%
 import inspect
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
 import scgjax as sg
 
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # in Jupyter, run from notebooks/
-    ROOT = Path.cwd().parent
-sys.path.insert(0, str(ROOT / "examples"))
-backend = matplotlib.get_backend()
-import amortised_ws as aws  # noqa: E402  (it selects Agg for its PNGs: switch back below)
+try:  # as a script (and under the tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+except NameError:  # in Jupyter, which runs in notebooks/
+    sys.path.insert(0, str(Path.cwd()))
+from _setup import QUICK, import_code, output_dir, show_png  # noqa: E402
 
-plt.switch_backend(backend)
-
-QUICK = os.environ.get("SCGJAX_NOTEBOOK_QUICK") == "1"
-OUT = Path(os.environ.get("SCGJAX_NOTEBOOK_OUT") or tempfile.mkdtemp()) / "amortised_ws"
-
-
-def show(path):
-    """Show a PNG written by the example's own plotting code."""
-    image = plt.imread(path)
-    plt.figure(figsize=(image.shape[1] / 100, image.shape[0] / 100))
-    plt.imshow(image)
-    plt.axis("off")
-    plt.show()
+aws = import_code("amortised_ws")
+OUT = output_dir("amortised_ws")
 
 
 # %% [markdown]
@@ -201,8 +185,8 @@ ring_argv = ["--experiment", "ring", "--no-progress", "--out", str(OUT)]
 if QUICK:
     ring_argv += ["--steps", "60", "--num-sleep", "200", "--batch-size", "50"]
 ring = aws.main(ring_argv)["ring"]
-show(ring["paths"]["ring_patches"])
-show(ring["paths"]["ring_training"])
+show_png(ring["paths"]["ring_patches"])
+show_png(ring["paths"]["ring_training"])
 
 # %%
 print(f"learned circle = true circle at {'+' if ring['sign'] > 0 else '-'}a "
@@ -235,8 +219,8 @@ print(f"held-out log p(x) per patch: {ring['log_lik_initial']:.1f} -> {ring['log
 # %%
 if not QUICK:
     mnist = aws.main(["--experiment", "mnist", "--no-progress", "--out", str(OUT)])["mnist"]
-    show(mnist["paths"]["mnist_samples"])
-    show(mnist["paths"]["mnist_training"])
+    show_png(mnist["paths"]["mnist_samples"])
+    show_png(mnist["paths"]["mnist_training"])
     print(f"MMD^2 to the test images {mnist['mmd_initial']:.3f} -> {mnist['mmd']:.3f} "
           f"(the mean image: {mnist['mmd_mean_image']:.3f})")
 

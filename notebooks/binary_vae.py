@@ -47,34 +47,23 @@
 import contextlib
 import io
 import math
-import os
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import matplotlib.pyplot as plt
 
 import scgjax as sg
 
-try:
-    ROOT = Path(__file__).resolve().parents[1]
+try:  # as a script (and under the tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 except NameError:  # in Jupyter, which runs in notebooks/
-    ROOT = Path.cwd().resolve().parent
-for path in (ROOT / "bench", ROOT):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+    sys.path.insert(0, str(Path.cwd()))
+from _setup import QUICK, import_code, output_dir  # noqa: E402
 
-BACKEND = matplotlib.get_backend()
-import bench_estimators as bench  # noqa: E402  (after the path setup)
-
-from examples import binary_vae_mnist as vae  # noqa: E402
-
-matplotlib.use(BACKEND)  # the examples choose Agg for scripts; keep the notebook's own backend
-
-QUICK = os.environ.get("SCGJAX_NOTEBOOK_QUICK") == "1"
-OUT = Path(os.environ.get("SCGJAX_NOTEBOOK_OUT", ROOT / "out" / "notebooks" / "binary_vae"))
+bench, vae = import_code("bench_estimators", "examples.binary_vae_mnist")
+OUT = output_dir("binary_vae")
 ESTIMATORS = ["rloo"] if QUICK else ["reinforce", "rloo", "disarm", "dcv", "st"]
 STEPS = 6 if QUICK else 2000  # training steps
 EVAL_EVERY = 3 if QUICK else 200  # steps between gradient-variance measurements

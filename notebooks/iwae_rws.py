@@ -45,14 +45,11 @@
 
 # %%
 import inspect
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -61,29 +58,14 @@ from scipy.special import logsumexp
 import scgjax as sg
 from scgjax.data import dynamic_binarize
 
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # in Jupyter, run from notebooks/
-    ROOT = Path.cwd().parent
-sys.path.insert(0, str(ROOT / "examples"))
-backend = matplotlib.get_backend()
-import _common as common  # noqa: E402  (the examples select Agg for their PNGs: switch back)
-import iwae_mnist as iw  # noqa: E402
-import rws_gmm as gmm  # noqa: E402
+try:  # as a script (and under the tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+except NameError:  # in Jupyter, which runs in notebooks/
+    sys.path.insert(0, str(Path.cwd()))
+from _setup import QUICK, import_code, output_dir, show_png  # noqa: E402
 
-plt.switch_backend(backend)
-
-QUICK = os.environ.get("SCGJAX_NOTEBOOK_QUICK") == "1"
-OUT = Path(os.environ.get("SCGJAX_NOTEBOOK_OUT") or tempfile.mkdtemp()) / "iwae_rws"
-
-
-def show(path):
-    """Show a PNG written by the example's own plotting code."""
-    image = plt.imread(path)
-    plt.figure(figsize=(image.shape[1] / 100, image.shape[0] / 100))
-    plt.imshow(image)
-    plt.axis("off")
-    plt.show()
+common, iw, gmm = import_code("_common", "iwae_mnist", "rws_gmm")
+OUT = output_dir("iwae_rws")
 
 
 # %% [markdown]
@@ -119,8 +101,8 @@ methods = "rws,vimco" if QUICK else "rws,rloo,vimco,ws"
 steps = 100 if QUICK else 20000
 mixture = gmm.main(["--steps", str(steps), "--methods", methods, "--no-progress",
                     "--out", str(OUT)])
-show(mixture["paths"]["curves"])
-show(mixture["paths"]["weights"])
+show_png(mixture["paths"]["curves"])
+show_png(mixture["paths"]["weights"])
 
 # %% [markdown]
 # **Reading** (20,000 steps, seed 0; the example's docstring has seeds 0-2 for the first

@@ -48,32 +48,25 @@
 import argparse
 import functools
 import inspect
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
 import scgjax as sg
 
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # in Jupyter, run from notebooks/
-    ROOT = Path.cwd().parent
-sys.path.insert(0, str(ROOT / "examples"))
-backend = matplotlib.get_backend()
-import policy_gradient as pg  # noqa: E402  (it selects Agg for its PNGs: switch back below)
+try:  # as a script (and under the tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+except NameError:  # in Jupyter, which runs in notebooks/
+    sys.path.insert(0, str(Path.cwd()))
+from _setup import QUICK, import_code, output_dir, show_png  # noqa: E402
 
-plt.switch_backend(backend)
-
-QUICK = os.environ.get("SCGJAX_NOTEBOOK_QUICK") == "1"
-OUT = Path(os.environ.get("SCGJAX_NOTEBOOK_OUT") or tempfile.mkdtemp())
+pg = import_code("policy_gradient")
+OUT = output_dir("policy_gradient")
 HORIZON = 6 if QUICK else 20  # T
 BATCH = 8  # B
 STEPS = 80 if QUICK else 600
@@ -180,11 +173,7 @@ plt.show()
 # %%
 path = OUT / "policy_gradient_policy.png"
 pg.plot_policy(path, env, {name: r[0].params["logits"] for name, r in runs.items()}, HORIZON)
-image = plt.imread(path)
-plt.figure(figsize=(image.shape[1] / 110, image.shape[0] / 110))
-plt.imshow(image)
-plt.axis("off")
-plt.show()
+show_png(path)
 
 # %% [markdown]
 # ## Reading the numbers

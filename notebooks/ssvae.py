@@ -57,51 +57,24 @@
 # (1000 steps per estimator, the example's defaults) takes a few minutes on a laptop CPU.
 
 # %%
-import contextlib
-import inspect
-import os
-import re
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
 import scgjax as sg
 
-try:
-    ROOT = Path(__file__).resolve().parents[1]
-except NameError:  # in Jupyter, run from notebooks/
-    ROOT = Path.cwd().parent
-sys.path.insert(0, str(ROOT / "examples"))
-backend = matplotlib.get_backend()
-import ssvae_mnist as ssvae  # noqa: E402
+try:  # as a script (and under the tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+except NameError:  # in Jupyter, which runs in notebooks/
+    sys.path.insert(0, str(Path.cwd()))
+from _setup import QUICK, import_code, output_dir, quick_compile, show_source  # noqa: E402
 
-matplotlib.use(backend)  # the example picks Agg to write its PNGs; keep the notebook's backend
-
-QUICK = os.environ.get("SCGJAX_NOTEBOOK_QUICK") == "1"
-OUT = Path(os.environ.get("SCGJAX_NOTEBOOK_OUT", ROOT / "out" / "notebooks")) / "ssvae"
-
-
-def show_source(fn):
-    """Print a function's source without its docstring."""
-    print(re.sub(r'\n\s+""".*?"""\n', "\n", inspect.getsource(fn), count=1, flags=re.S))
-
-
-@contextlib.contextmanager
-def quick_compile():
-    """In QUICK mode, compile with most XLA optimisations off: a few steps run slower, but
-    compiling (most of a short run) is about 3x faster."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", QUICK or before)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
-
+ssvae = import_code("ssvae_mnist")
+OUT = output_dir("ssvae")
 
 show_source(ssvae.build)
 

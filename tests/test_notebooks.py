@@ -9,7 +9,9 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.py"))
+# notebooks/_setup.py (what they share) is a module, not a notebook
+NOTEBOOKS = sorted(p for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("*.py")
+                   if not p.name.startswith("_"))
 
 
 def _cells(path: Path) -> list[tuple[str, str]]:

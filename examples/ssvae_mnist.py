@@ -111,7 +111,7 @@ import optax
 
 import scgjax as sg
 from scgjax import dist
-from scgjax.data import dynamic_binarize, load_mnist
+from scgjax.data import dynamic_binarize
 
 if __package__:  # imported as examples.ssvae_mnist
     from . import _common as common
@@ -294,26 +294,9 @@ class LabelledData:
 
 def load_labelled_data(data_dir: str | Path | None = None, holdout: int = 1000
                        ) -> LabelledData:
-    """Like ``_common.load_data`` (which returns no labels), with the labels.
-
-    Without a test split, ``holdout`` random training images (at most a fifth; fixed seed)
-    become the test set, as in ``_common.load_data``.
-    """
-    train = load_mnist("train", data_dir=data_dir)
-    try:
-        test = load_mnist("test", data_dir=data_dir)
-    except FileNotFoundError as e:
-        n_out = min(holdout, len(train) // 5)
-        if n_out < 1:
-            raise ValueError(f"no MNIST test split ({e}) and too few training images "
-                             f"({len(train)}) to hold some out") from e
-        print(f"no MNIST test split found; holding out {n_out} random training images")
-        perm = np.random.default_rng(0).permutation(len(train))
-        keep, out = perm[n_out:], perm[:n_out]
-        return LabelledData(train.images[keep], train.labels[keep], train.images[out],
-                            train.labels[out], train.source,
-                            f"{n_out} random images held out of the train split "
-                            f"({train.source})")
+    """Like ``_common.load_data`` (which returns no labels), with the labels: the splits of
+    ``_common.load_splits`` (without a test split, ``holdout`` random training images)."""
+    train, test = common.load_splits(data_dir, holdout)
     return LabelledData(train.images, train.labels, test.images, test.labels, train.source,
                         test.source)
 

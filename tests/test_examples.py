@@ -283,6 +283,12 @@ def test_load_data_holds_out_when_no_test_split(tmp_path, capsys):
     assert data.train.shape == (40, 784) and data.test.shape == (10, 784)
     assert "held out" in data.test_source
     assert "holding out 10" in capsys.readouterr().out
+    train, test = common.load_splits(tmp_path, holdout=1000)  # with labels, same split
+    assert np.array_equal(train.images, data.train) and np.array_equal(test.images, data.test)
+    everything = common.load_mnist("train", data_dir=tmp_path)
+    rows = {everything.images[i].tobytes(): everything.labels[i] for i in range(50)}
+    for split in (train, test):  # each image keeps its own label
+        assert [rows[x.tobytes()] for x in split.images] == split.labels.tolist()
 
 
 def test_image_grid_layout():

@@ -9,7 +9,7 @@ through plates, and is unbiased for gradients of any order (DiCE).
 """
 
 from scgjax import baselines, diagnostics, dist, handlers
-from scgjax.errors import ScgjaxError, SiteError
+from scgjax.errors import NonFiniteError, ScgjaxError, SiteError
 from scgjax.estimators import (
     ARM,
     DCV,
@@ -51,6 +51,7 @@ __all__ = [
     "Expectation",
     "GumbelSoftmax",
     "IWAE",
+    "NonFiniteError",
     "Objective",
     "Pathwise",
     "RLOO",

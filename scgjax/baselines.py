@@ -56,8 +56,7 @@ class MovingAverage:
     decay: float = 0.9
 
     def __post_init__(self):
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"MovingAverage decay must be in [0, 1), got {self.decay}")
+        _check_decay("MovingAverage", self.decay)
 
     def init_state(self) -> dict[str, jax.Array]:
         return {"mean": jnp.zeros(()), "steps": jnp.zeros((), jnp.int32)}
@@ -68,6 +67,19 @@ class MovingAverage:
         b = jnp.where(steps > 0, state["mean"] / jnp.where(steps > 0, correction, 1.0), 0.0)
         mean = self.decay * state["mean"] + (1.0 - self.decay) * jnp.mean(learning_signal)
         return b, {"mean": jax.lax.stop_gradient(mean), "steps": steps + 1}
+
+
+def _check_decay(who: str, decay: Any) -> None:
+    """``decay`` must be a real number in ``[0, 1)`` (a ``ValueError`` or ``TypeError`` else)."""
+    try:
+        ok = not isinstance(decay, (bool, np.bool_, str, bytes)) and np.ndim(decay) == 0
+        ok = ok and np.isreal(decay) and float(decay) == decay
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TypeError(f"{who} decay must be a float in [0, 1), got {decay!r}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"{who} decay must be in [0, 1), got {decay}")
 
 
 # --- per-element baselines: from the site's batch layout to the learning signal's ----------
@@ -141,6 +153,16 @@ class Constant:
     """
 
     value: Any = 0.0
+
+    def __post_init__(self):
+        try:
+            dtype = None if isinstance(self.value, (str, bytes)) else jnp.result_type(self.value)
+        except TypeError:
+            dtype = None
+        if dtype is None or not (jnp.issubdtype(dtype, jnp.integer)
+                                 or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(f"Constant baseline needs a real number or a numeric array, got "
+                            f"{type(self.value).__name__} {self.value!r}")
 
     def init_state(self) -> dict:
         return {}
@@ -220,8 +242,14 @@ class Neural:
     decay: float = 0.99
 
     def __post_init__(self):
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"Neural decay must be in [0, 1), got {self.decay}")
+        _check_decay("Neural", self.decay)
+        if isinstance(self.module, type):
+            raise TypeError(f"Neural baseline got the class {self.module.__name__} as its "
+                            f"module; pass an instance, e.g. {self.module.__name__}(...)")
+        if not (callable(getattr(self.module, "init", None))
+                and callable(getattr(self.module, "apply", None))):
+            raise TypeError("Neural baseline needs a flax linen module (with init and apply), "
+                            f"got {type(self.module).__name__}")
         if self.inputs is None:
             raise TypeError("Neural baseline needs inputs (e.g. Neural(net, inputs=x))")
 

@@ -28,6 +28,7 @@ import numpyro.distributions as _nd
 from jax.scipy.special import gammaln, logsumexp
 from numpyro.distributions import *  # noqa: F403
 from numpyro.distributions import constraints, transforms  # noqa: F401
+from numpyro.distributions.util import validate_sample
 
 
 @jax.custom_jvp
@@ -53,6 +54,7 @@ class BernoulliLogits(_nd.BernoulliLogits):
     prior's logits shared over a batch are transformed once.
     """
 
+    @validate_sample  # keeps numpyro's support check (validate_args=True): -inf off {0, 1}
     def log_prob(self, value):
         return value * self.logits - softplus(self.logits)
 
@@ -69,7 +71,7 @@ def Bernoulli(probs=None, logits=None, *, validate_args=None):  # noqa: N802
 def fix_known_bugs(fn: _nd.Distribution) -> _nd.Distribution:
     """Return ``fn`` with numpyro's ``BernoulliLogits`` replaced by ours, wrappers kept."""
     if type(fn) is _nd.BernoulliLogits:
-        return BernoulliLogits(fn.logits)
+        return BernoulliLogits(fn.logits, validate_args=fn._validate_args)
     if type(fn) is _nd.Independent:
         base = fix_known_bugs(fn.base_dist)
         return fn if base is fn.base_dist else base.to_event(fn.reinterpreted_batch_ndims)
@@ -143,6 +145,7 @@ class OneHotCategorical(_nd.Distribution):
         index = jax.random.categorical(key, self.logits, shape=shape)
         return jax.nn.one_hot(index, self.event_shape[0], dtype=jnp.result_type(float))
 
+    @validate_sample
     def log_prob(self, value: jax.Array) -> jax.Array:
         return jnp.sum(value * jax.nn.log_softmax(self.logits, axis=-1), axis=-1)
 
@@ -203,6 +206,7 @@ class RelaxedOneHotCategorical(_nd.Distribution):
     def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
         return self.rsample(key, sample_shape)
 
+    @validate_sample
     def log_prob(self, value: jax.Array) -> jax.Array:
         n = self.event_shape[0]
         tau = self._tau()

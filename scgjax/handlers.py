@@ -18,7 +18,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import difflib
+import os
+import sys
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -125,7 +130,9 @@ class seed(Messenger):
     """Give each random site its own key, split from ``rng_seed`` (a key or an int).
 
     The running key is reset on every entry, so the same seeded program returns the same
-    values every time it is called, under ``jit`` or not.
+    values every time it is called, under ``jit`` or not. A sub-sampling plate draws its indices
+    from a key of its own, derived from the seed and the plate's name: every entry of a plate of
+    that name in one run (the same ``sg.plate`` object used twice, say) gets the same subsample.
 
     Example:
         >>> import scgjax as sg
@@ -145,6 +152,7 @@ class seed(Messenger):
 
     def __enter__(self) -> seed:
         self._key = as_prng_key(self.rng_seed, "rng_seed")
+        self._plate_key = jax.random.fold_in(self._key, 0x9E3779B9 & 0x7FFFFFFF)
         return super().__enter__()
 
     def process_message(self, msg: Message) -> None:
@@ -154,15 +162,60 @@ class seed(Messenger):
                 and msg["args"][1] not in (None, msg["args"][0]))
             or (msg["type"] == "param" and msg["value"] is None and callable(msg["args"][0]))
         )
-        if wants_key and msg["kwargs"].get("rng_key") is None:
+        if not wants_key or msg["kwargs"].get("rng_key") is not None:
+            return
+        if msg["type"] == "plate":
+            # One subsample per plate name and run: every entry of the plate (the same object
+            # entered twice, or two statements of one name) draws the same indices, which is
+            # also what `replay` gives the model.
+            name_hash = zlib.crc32(msg["name"].encode())
+            msg["kwargs"]["rng_key"] = jax.random.fold_in(self._plate_key, name_hash)
+        else:
             self._key, msg["kwargs"]["rng_key"] = jax.random.split(self._key)
+
+
+def _kind_of(msg: Message) -> str:
+    """What a site is, in words (for messages about a handler that cannot act on it)."""
+    if msg["type"] != "sample":
+        return f"a {msg['type']} site"
+    if msg.get("is_factor"):
+        return "a factor"
+    return "an observed site" if msg.get("is_observed") else "a latent site"
+
+
+def _check_names_dict(handler: str, what: str, data: Any) -> None:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{handler} needs `{what}` as a dict from site names to values, got "
+                        f"{type(data).__name__}")
+    for name in data:
+        if not isinstance(name, str):
+            raise TypeError(f"{handler}: the keys of `{what}` must be site names (str), got "
+                            f"{name!r}")
+
+
+def _warn_unused(handler: str, data: Mapping, seen: dict[str, str | None]) -> None:
+    """Warn about each name of ``data`` that the program never used, or used for a site that
+    ``handler`` does not change (``seen[name]`` says what it was)."""
+    for name in data:
+        if name in seen and seen[name] is None:
+            continue
+        if name in seen:
+            problem = f"is {seen[name]}, which {handler} does not change"
+        else:
+            close = closest_name(name, seen)
+            problem = "is not a site of the program" + (
+                f" (did you mean '{close}'?)" if close else "")
+        warn_user(f"site '{name}' {problem}: its value given to sg.handlers.{handler} is "
+                  "ignored")
 
 
 class substitute(Messenger):
     """Fix the values of latent sample sites and params by name (constrained values).
 
     ``data`` maps names to values; ``substitute_fn(msg)`` may compute a value or return
-    ``None`` to leave the site alone.
+    ``None`` to leave the site alone. A name of ``data`` that the program never uses (or
+    uses for an observed site, a factor or a deterministic site, which substitute does not
+    change) is reported with a warning once the program has run.
 
     Example:
         >>> import scgjax as sg
@@ -177,11 +230,25 @@ class substitute(Messenger):
         super().__init__(fn)
         if (data is None) == (substitute_fn is None):
             raise TypeError("substitute needs exactly one of `data` or `substitute_fn`")
+        if data is not None:
+            _check_names_dict("substitute", "data", data)
         self.data = data
         self.substitute_fn = substitute_fn
 
+    def __enter__(self) -> substitute:
+        self._seen: dict[str, str | None] = {}
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        if exc_type is None and self.data is not None:
+            _warn_unused("substitute", self.data, self._seen)
+
     def process_message(self, msg: Message) -> None:
-        if msg["type"] not in ("sample", "param", "plate") or msg.get("is_observed"):
+        usable = msg["type"] in ("sample", "param", "plate") and not msg.get("is_observed")
+        if self.data is not None:
+            self._seen[msg["name"]] = None if usable else _kind_of(msg)
+        if not usable:
             return
         if self.data is not None:
             value = self.data.get(msg["name"])
@@ -191,11 +258,57 @@ class substitute(Messenger):
             msg["value"] = value
 
 
+_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, np))
+_SCGJAX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message: str) -> None:
+    """``warnings.warn(message)`` attributed to the first caller outside scgjax and JAX (the
+    user's line), however deep inside a traced objective it is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_SCGJAX_DIR)
+                                 or frame.f_code.co_filename.startswith(_INTERNAL_DIRS)
+                                 or frame.f_code.co_filename.endswith("contextlib.py")):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level + 1)
+
+
+def closest_name(name: Any, candidates: Iterable[Any]) -> str | None:
+    """The candidate closest to ``name`` (``difflib``, ignoring case), or ``None``.
+
+    Example:
+        >>> closest_name("Z", ["z", "x"]), closest_name("loc", ["scale"])
+        ('z', None)
+    """
+    by_lower: dict[str, str] = {}
+    for c in candidates:
+        if isinstance(c, str):
+            by_lower.setdefault(c.lower(), c)
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
+    return by_lower[close[0]] if close else None
+
+
+def missing_param(name: str, params: Mapping) -> SiteError:
+    """The error for a param that a params dict lacks, naming its closest key.
+
+    Example:
+        >>> print(missing_param("loc", {"lco": 0.0, "scale": 1.0}))
+        site 'loc' is a param of the program, but params has no key 'loc' (did you mean 'lco'?); ...
+    """
+    close = closest_name(name, params)
+    hint = f" (did you mean '{close}'?)" if close else ""
+    return SiteError(name, f"is a param of the program, but params has no key '{name}'{hint}; "
+                     "make params with sg.init_params(rng_key, model, guide, *args)")
+
+
 class substitute_unconstrained(Messenger):
     """Give params their values from a dict of *unconstrained* values (what objectives train).
 
     Each stored value ``u`` becomes ``biject_to(constraint)(u)`` at the param site. A param whose
-    initial value is an array of another shape than the stored one is an error.
+    initial value is an array of another shape than the stored one is an error, and so is a
+    param that ``params`` lacks (a misspelt key would otherwise silently leave the param at its
+    initial value): the error names the closest key of ``params``. ``strict=False`` lets such
+    params keep their initial value instead.
 
     Example:
         >>> import jax.numpy as jnp, scgjax as sg
@@ -205,12 +318,21 @@ class substitute_unconstrained(Messenger):
         3.0
     """
 
-    def __init__(self, fn: Callable | None = None, params: dict | None = None):
+    def __init__(self, fn: Callable | None = None, params: dict | None = None, *,
+                 strict: bool = True):
         super().__init__(fn)
+        if params is not None and not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict from param names to unconstrained values "
+                            f"(as sg.init_params returns), got {type(params).__name__}")
         self.params = {} if params is None else params
+        self.strict = strict and params is not None
 
     def process_message(self, msg: Message) -> None:
-        if msg["type"] != "param" or msg["name"] not in self.params:
+        if msg["type"] != "param":
+            return
+        if msg["name"] not in self.params:
+            if self.strict:
+                raise missing_param(msg["name"], self.params)
             return
         stored = self.params[msg["name"]]
         init = msg["args"][0]
@@ -234,6 +356,9 @@ class substitute_unconstrained(Messenger):
 class condition(Messenger):
     """Observe sample sites: ``data[name]`` becomes an observed value of the site.
 
+    A name of ``data`` that is no sample site of the program (misspelt, or a param, a factor, a
+    deterministic site) is reported with a warning once the program has run.
+
     Example:
         >>> import scgjax as sg
         >>> from scgjax import dist
@@ -246,9 +371,21 @@ class condition(Messenger):
     def __init__(self, fn: Callable | None = None, data: dict | None = None):
         super().__init__(fn)
         self.data = {} if data is None else data
+        _check_names_dict("condition", "data", self.data)
+
+    def __enter__(self) -> condition:
+        self._seen: dict[str, str | None] = {}
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        if exc_type is None:
+            _warn_unused("condition", self.data, self._seen)
 
     def process_message(self, msg: Message) -> None:
-        if msg["type"] == "sample" and msg["name"] in self.data and not msg.get("is_factor"):
+        usable = msg["type"] == "sample" and not msg.get("is_factor")
+        self._seen[msg["name"]] = None if usable else _kind_of(msg)
+        if usable and msg["name"] in self.data:
             msg["value"] = self.data[msg["name"]]
             msg["is_observed"] = True
 
@@ -280,6 +417,12 @@ class replay(Messenger):
         recorded = self.trace[msg["name"]]
         if msg["type"] == "plate":
             if recorded["type"] == "plate":
+                if recorded["args"][0] != msg["args"][0]:
+                    raise SiteError(
+                        msg["name"], f"is a plate of size {recorded['args'][0]} in the replayed "
+                        f"trace (the guide) but of size {msg['args'][0]} here (the model); one "
+                        "plate name must always have the same size",
+                    )
                 msg["value"] = recorded["value"]
             return
         if msg["is_observed"] or recorded["type"] != "sample" or recorded["is_observed"]:
@@ -354,6 +497,8 @@ class mask(Messenger):
     """Drop elements of sites where ``mask`` is False: their log-density becomes 0.
 
     A masked latent element neither costs nor earns credit; the site is still sampled.
+    ``mask`` is a bool or a boolean array that broadcasts to the batch shape of every sample
+    site inside (plates included); anything else is an error naming the site.
 
     Example:
         >>> import jax.numpy as jnp, scgjax as sg
@@ -369,11 +514,87 @@ class mask(Messenger):
 
     def __init__(self, fn: Callable | None = None, mask: Any = True):
         super().__init__(fn)
+        dtype = getattr(mask, "dtype", None)
+        if not (isinstance(mask, (bool, np.bool_))
+                or (dtype is not None and np.dtype(dtype) == np.bool_)):
+            raise TypeError(
+                f"mask must be a bool or a boolean array (True keeps an element), got "
+                f"{type(mask).__name__}" + (f" of dtype {dtype}" if dtype is not None else "")
+                + "; write e.g. m > 0 or m.astype(bool)")
         self.mask = mask
 
     def process_message(self, msg: Message) -> None:
         if msg["type"] == "sample":
             msg["mask"] = self.mask if msg["mask"] is None else msg["mask"] & self.mask
+
+    def postprocess_message(self, msg: Message) -> None:
+        # here the site's distribution is final (its plates have expanded it)
+        if msg["type"] != "sample":
+            return
+        batch = tuple(msg["fn"].batch_shape)
+        shape = tuple(jnp.shape(self.mask))
+        try:
+            fits = np.broadcast_shapes(shape, batch) == batch
+        except ValueError:
+            fits = False
+        if not fits:
+            raise SiteError(msg["name"], f"has batch shape {batch} (plates included), which a "
+                            f"mask of shape {shape} does not broadcast to")
+
+
+class same_plate_sizes(Messenger):
+    """Check that every use of a plate name, in one program or in the guide and the model,
+    has the same size (and subsample size), before the site values are shaped by it: the model
+    replays the guide's plate indices, so a mismatch would otherwise surface as a shape error
+    at some other site, with a size the user never wrote. ``sizes`` is a dict shared by the
+    programs of one run (``{name: (size, subsample_size, role)}``, made fresh for each run);
+    without it, each call of the handled program starts afresh.
+
+    Example:
+        >>> import scgjax as sg
+        >>> def prog():
+        ...     with sg.plate("data", 5):
+        ...         pass
+        ...     with sg.plate("data", 3):
+        ...         pass
+        >>> same_plate_sizes(prog)()
+        Traceback (most recent call last):
+        ...
+        scgjax.errors.SiteError: site 'data' is a plate used with size 5 and then 3 ...
+    """
+
+    def __init__(self, fn: Callable | None = None, sizes: dict | None = None,
+                 role: str = "program"):
+        super().__init__(fn)
+        self.shared_sizes = sizes
+        self.role = role
+
+    def __enter__(self) -> same_plate_sizes:
+        self.sizes = {} if self.shared_sizes is None else self.shared_sizes
+        return super().__enter__()
+
+    def process_message(self, msg: Message) -> None:
+        if msg["type"] != "plate":
+            return
+        size, subsample = msg["args"]
+        subsample = None if subsample == size else subsample  # all of them: no subsampling
+        old_size, old_subsample, old_role = self.sizes.setdefault(
+            msg["name"], (size, subsample, self.role))
+
+        def both(what: str, old: Any, new: Any) -> str:
+            if old_role == self.role:
+                return f"is a plate used with {what} {old} and then {new} in the {self.role}"
+            return f"is a plate with {what} {old} in the {old_role} but {new} in the {self.role}"
+
+        if size != old_size:
+            raise SiteError(msg["name"], both("size", old_size, size)
+                            + "; a plate name must always have the same size")
+        # the model follows the guide's subsample: it may omit subsample_size, not change it
+        follows = old_role == "guide" and self.role == "model" and subsample is None
+        if subsample != old_subsample and not follows:
+            raise SiteError(msg["name"], both("subsample_size", old_subsample, subsample)
+                            + "; a plate must be subsampled the same way wherever it is used "
+                            "(the model replays the guide's subsample)")
 
 
 class assign_estimators(Messenger):
@@ -395,7 +616,12 @@ class assign_estimators(Messenger):
 
     def __init__(self, fn: Callable | None = None, estimators: dict | None = None):
         super().__init__(fn)
+        _check_names_dict("assign_estimators", "estimators", estimators or {})
         self.estimators = dict(estimators or {})
+        from scgjax.estimators.base import check_estimator  # estimators sit above handlers
+
+        for name, estimator in self.estimators.items():
+            check_estimator(name, estimator)  # None: the objective's default estimator
 
     def __enter__(self) -> assign_estimators:
         self._seen: set[str] = set()

@@ -34,23 +34,173 @@ def init_params(rng_key: Any, model: Callable, guide: Callable | None = None, *a
         >>> round(float(params["scale"]), 4)  # log(2)
         0.6931
     """
+    check_programs(model, guide)
     arrays, rebuild = split_static((args, kwargs))
 
     def build() -> Callable:
+        # the params whose initial value is only known inside the jitted run (an initialiser
+        # function, a value computed from the arguments): name -> constraint, checked on the
+        # host once the values are back; constant initial values are checked while tracing
+        traced: dict[str, Any] = {}
+
         @jax.jit
         def initialise(key, arrays):
             a, kw = rebuild(arrays)
             sites, traces = _param_messages(key, model, guide, None, a, kw)
+            values = {}
+            traced.clear()
+            for n, m in sites.items():
+                constraint = m["kwargs"]["constraint"]
+                if _is_concrete(m["value"]):
+                    check_initial_value(n, m["value"], constraint)
+                else:
+                    traced[n] = constraint
+                    if constraint is not constraints.real:
+                        values[n] = m["value"]
             out = {n: _unconstrain(m) for n, m in sites.items()}
-            out.update(_estimator_params(jax.random.fold_in(key, 2), traces))
+            estimator = _estimator_params(jax.random.fold_in(key, 2), traces)
+            traced.update(dict.fromkeys(estimator, None))
+            out.update(estimator)
+            # one flag per traced param, so that big weights are not copied to the host
+            finite = {n: _all_finite(out[n]) for n in traced if n not in values}
+            return out, values, finite
+
+        def run(key, arrays):
+            out, values, finite = initialise(key, arrays)
+            if _is_concrete(out):
+                bad = [n for n, ok in jax.device_get(finite).items() if not ok]
+                _check_traced_initial_values(out, values, {n: traced[n] for n in traced
+                                                           if n in values or n in bad})
             return out
 
-        return initialise
+        return run
 
     # one compiled initialiser per (model, guide, non-array arguments): SVI.init, graph() and
     # repeated calls do not trace and compile the programs again
     initialise = cached_build(("init_params", model, guide, rebuild.signature), build)
     return strong_types(initialise(handlers.as_prng_key(rng_key), arrays))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point leaf of ``tree`` is finite (a scalar, traceable)."""
+    jnp = jax.numpy
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _is_concrete(tree: Any) -> bool:
+    """Whether every leaf of ``tree`` holds a value (no leaf is a JAX tracer)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _first_nonfinite(a: np.ndarray) -> str:
+    """``"nan at index (2,)"``: the first non-finite element of ``a`` (``"nan"`` for a
+    scalar)."""
+    bad = np.argwhere(~np.isfinite(a))[0]
+    where = f" at index {tuple(int(i) for i in bad)}" if a.ndim else ""
+    return f"{a[tuple(bad)].item()}{where}"
+
+
+def _show(a: np.ndarray) -> str:
+    """A short rendering of a value for an error message."""
+    if a.size <= 8:
+        return np.array2string(a, precision=4, separator=", ") if a.ndim else repr(a.item())
+    return f"an array of shape {a.shape}"
+
+
+def _nonfinite_leaf(value: Any) -> tuple[str, np.ndarray] | None:
+    """``(path, leaf)`` of the first floating-point leaf of ``value`` with a NaN or inf."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+        dtype = jax.numpy.result_type(leaf)
+        if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+            continue
+        a = np.asarray(leaf)
+        if not np.isfinite(a).all():
+            return jax.tree_util.keystr(path), a
+    return None
+
+
+def check_initial_value(name: str, value: Any, constraint: Any) -> None:
+    """Raise a :class:`~scgjax.errors.SiteError` naming param ``name`` if its (concrete,
+    constrained) initial ``value`` is not finite, lies outside ``constraint``, or on its
+    boundary (where the unconstrained value is infinite).
+
+    A value outside the constraint is one that ``constraint.check`` rejects and that the
+    round trip ``biject_to(constraint)(biject_to(constraint).inv(value))`` does not give back
+    (so rounding, e.g. a simplex summing to ``1 + 1e-7``, is accepted).
+
+    Example:
+        >>> from numpyro.distributions import constraints
+        >>> check_initial_value("s", 2.0, constraints.positive)  # fine
+        >>> check_initial_value("s", -1.0, constraints.positive)
+        Traceback (most recent call last):
+        ...
+        scgjax.errors.SiteError: site 's' is a param initialised to -1.0, outside its \
+constraint Positive(lower_bound=0.0); give it an initial value inside the constraint
+    """
+    bad = _nonfinite_leaf(value)
+    if bad is not None:
+        path, a = bad
+        raise SiteError(name, f"is a param whose initial value{' ' + path if path else ''} is "
+                        f"not finite ({_first_nonfinite(a)}); give it a finite initial value "
+                        "(if it comes from an initialiser function, check that function)")
+    if constraint is constraints.real or constraint is None:
+        return
+    with jax.ensure_compile_time_eval():
+        v = jax.numpy.asarray(value)
+        try:
+            inside = np.asarray(constraint.check(v))
+            u = np.asarray(biject_to(constraint).inv(v))
+            back = np.asarray(biject_to(constraint)(u))
+        except (TypeError, ValueError, NotImplementedError):  # a value it cannot judge
+            return
+    v = np.asarray(v)
+    finite = np.isfinite(u).all()
+    if not inside.all() and not (finite and np.allclose(back, v, rtol=1e-4, atol=1e-6)):
+        where = ""
+        if inside.ndim and v.size > 1:
+            first = tuple(int(i) for i in np.argwhere(~inside)[0])
+            where = f" (element {first} fails it)"
+        raise SiteError(name, f"is a param initialised to {_show(v)}, outside its constraint "
+                        f"{constraint!r}{where}; give it an initial value inside the constraint")
+    if not finite:
+        raise SiteError(name, f"is a param initialised to {_show(v)}, on the boundary of its "
+                        f"constraint {constraint!r}, where its unconstrained value is not "
+                        f"finite ({_first_nonfinite(u)}); start strictly inside the constraint")
+
+
+def _check_traced_initial_values(out: dict, values: dict, traced: dict) -> None:
+    """The host-side checks of :func:`init_params` for the params whose initial values were
+    computed inside the jitted initialiser (``values``: their constrained values, for the
+    params with a constraint; the others' are their entries of ``out``)."""
+    for name, constraint in traced.items():
+        if name not in out:  # traced for other shapes of the arguments
+            continue
+        if name in values:
+            check_initial_value(name, values[name], constraint)
+            continue
+        bad = _nonfinite_leaf(out[name])
+        if bad is None:
+            continue
+        path, a = bad
+        what = "an estimator param" if constraint is None else "a param"
+        raise SiteError(name, f"is {what} whose initial value{' ' + path if path else ''} is "
+                        f"not finite ({_first_nonfinite(a)}); give it a finite initial value "
+                        "(if it comes from an initialiser function, check that function)")
+
+
+def check_programs(model: Any, guide: Any = None) -> None:
+    """``model`` (and ``guide``, unless ``None``) must be callable programs: a clear
+    ``TypeError`` for data or a key passed where a program goes (a common argument-order slip)."""
+    for role, fn in (("model", model), ("guide", guide)):
+        if fn is None and role == "guide":
+            continue
+        if not callable(fn):
+            raise TypeError(
+                f"{role} must be a program (a Python function), got {type(fn).__name__}; "
+                "the order is init_params(rng_key, model, guide, *args)"
+            )
 
 
 _BUILT: dict[Any, Any] = {}

@@ -112,6 +112,9 @@ def apply_stack(msg: Message) -> Message:
     if msg["value"] is None:
         msg["value"] = _DEFAULTS[msg["type"]](msg)
     if msg["type"] == "sample":
+        _check_plate_broadcast(msg)
+        if msg["is_observed"] and not msg.get("is_factor"):
+            _check_observed_value(msg)
         _check_sample_value(msg)
     for handler in _HANDLER_STACK[len(_HANDLER_STACK) - visited :]:
         handler.postprocess_message(msg)
@@ -208,6 +211,138 @@ def _check_sample_value(msg: Message) -> None:
         )
 
 
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a numpy array when it is a concrete value (not a tracer), else ``None``."""
+    if isinstance(x, jax.core.Tracer) or any(
+            isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x)):
+        return None
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_bad(bad: np.ndarray) -> str:
+    index = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+    return f"{int(bad.sum())} of {bad.size} elements, the first at index {index}"
+
+
+def _kept_elements(msg: Message, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Where the site's elements count (``False`` where masked by ``sg.handlers.mask`` or a
+    ``MaskedDistribution``), broadcast to ``shape``; ``None`` when not known concretely."""
+    keep = np.ones(shape, bool)
+    masks = [msg.get("mask")]
+    fn = msg["fn"]
+    while hasattr(fn, "base_dist"):
+        if isinstance(fn, _dist.MaskedDistribution):
+            masks.append(fn._mask)
+        fn = fn.base_dist
+    for m in masks:
+        if m is None or m is True:
+            continue
+        m = _concrete(m)
+        if m is None:
+            return None
+        try:
+            keep = keep & np.broadcast_to(m.astype(bool), shape)
+        except ValueError:
+            return None
+    return keep
+
+
+def _check_observed_value(msg: Message) -> None:
+    """An observed value that is concrete (data, not a tracer) must be finite and lie in the
+    support of the site's distribution; float labels of an integer-valued distribution
+    (``Categorical``, ``Poisson``, ...) are cast to ints when they are whole numbers.
+
+    Masked elements are not checked (padding may hold anything). numpyro only checks supports
+    with ``validate_args=True``, and scgjax's own ``log_prob`` overrides would otherwise give an
+    observed 2 under a Bernoulli a finite log-density.
+    """
+    fn, name = msg["fn"], msg["name"]
+    value = _concrete(msg["value"])
+    support = fn.support
+    integral = support.is_discrete and not isinstance(support, type(constraints.boolean))
+    if value is None:
+        if integral and jnp.issubdtype(jnp.result_type(msg["value"]), jnp.floating):
+            msg["value"] = jnp.asarray(msg["value"]).astype(jnp.int32)
+        return
+    if value.dtype == object or not np.issubdtype(value.dtype, np.number) and value.dtype != bool:
+        raise SiteError(name, f"has an observed value of dtype {value.dtype}; expected numbers "
+                        f"for its {type(fn).__name__} distribution")
+    keep = _kept_elements(msg, value.shape)
+    if np.issubdtype(value.dtype, np.inexact):
+        bad = ~np.isfinite(value)
+        if keep is not None:
+            bad = bad & keep
+        if bad.any():
+            raise SiteError(
+                name, f"has non-finite observed values (NaN or inf): {_first_bad(bad)}. Remove "
+                "or impute them, or mask them out with sg.handlers.mask",
+            )
+    if integral and np.issubdtype(value.dtype, np.floating):
+        fractional = value != np.round(value)
+        if keep is not None:
+            fractional = fractional & keep
+        if fractional.any():
+            raise SiteError(
+                name, f"has observed values that are not whole numbers ({_first_bad(fractional)}),"
+                f" but {type(fn).__name__} takes integer values",
+            )
+        value = value.astype(np.int32)
+        msg["value"] = jnp.asarray(value)
+    try:
+        with jax.ensure_compile_time_eval():  # concrete even while a jitted step is traced
+            inside = support(value)
+    except Exception:  # a support that cannot be evaluated here: numpyro validates it
+        return
+    inside = _concrete(inside)
+    if inside is None:
+        return
+    bad = ~inside.astype(bool)
+    if keep is not None and keep.ndim > bad.ndim:  # event constraints reduce event dims
+        keep = keep.any(axis=tuple(range(bad.ndim, keep.ndim)))
+    if keep is not None and keep.shape == bad.shape:
+        bad = bad & keep
+    if bad.any():
+        raise SiteError(
+            name, f"has observed values outside the support {support} of its "
+            f"{type(fn).__name__} distribution: {_first_bad(np.atleast_1d(bad))}",
+        )
+
+
+def _check_plate_broadcast(msg: Message) -> None:
+    """A batch dimension that no plate declares must not be silently multiplied by a plate.
+
+    The plates of a site expand its distribution to their sizes (see :class:`plate`). When a
+    plate has to *broadcast* one of its dimensions (size 1, or missing, in the distribution's
+    own batch shape) while the batch shape has a dimension of size > 1 that no plate declares
+    to the left of all the site's plates, the site becomes a grid (``Bernoulli(p).expand_by([5])``
+    with ``p.shape == (1,)`` inside a plate of 5 draws 5 x 5 values): an error naming the site.
+    Undeclared dimensions to the left of the plates whose own dimensions are already full, and
+    undeclared dimensions to the right of a plate's (free in Pyro's ``check_site_shape`` too:
+    a global latent of another plate, broadcast over the data), stay one block per plate element,
+    the documented semantics of dependencies no plate declares.
+    """
+    frames = msg["cond_indep_stack"]
+    if not frames:
+        return
+    own = msg.get("unplated_batch_shape", tuple(msg["fn"].batch_shape))
+    leftmost = min(f.dim for f in frames)
+    undeclared = [d for d in range(-len(own), leftmost) if own[d] > 1]
+    broadcast = [f for f in frames if f.size > 1 and (-f.dim > len(own) or own[f.dim] == 1)]
+    if not undeclared or not broadcast:
+        return
+    d = undeclared[0]
+    raise SiteError(
+        msg["name"],
+        f"has batch shape {own} whose dim {d} (size {own[d]}) is declared by no plate, and "
+        f"the plate '{broadcast[0].name}' broadcasts its dim {broadcast[0].dim} against it: the "
+        f"site would become a grid of shape {tuple(msg['fn'].batch_shape)}. Declare that dim "
+        "with sg.plate, move it into the event with .to_event(), or remove it",
+    )
+
+
 def new_message(kind: str, name: str, *, fn: Any = None, args: tuple = (),
                 kwargs: dict | None = None, value: Any = None, **fields: Any) -> Message:
     """A fresh message of type ``kind`` with every field handlers may read or write."""
@@ -226,6 +361,22 @@ def new_message(kind: str, name: str, *, fn: Any = None, args: tuple = (),
     }
 
 
+def _check_name(primitive: str, name: Any) -> None:
+    """A site's name must be a string (the first argument of every primitive)."""
+    if not isinstance(name, str):
+        raise TypeError(f"sg.{primitive} takes the site's name (a str) as its first argument, "
+                        f"got {type(name).__name__} {name!r}")
+
+
+def _not_a_distribution(name: str, fn: Any) -> SiteError:
+    what = getattr(fn, "__name__", None)
+    if isinstance(fn, type) or (callable(fn) and what):
+        return SiteError(name, f"was given {what} itself instead of a distribution; call it "
+                         f"with its parameters, e.g. dist.{what}(...)")
+    return SiteError(name, f"expects a distribution (e.g. dist.Normal(0.0, 1.0)), got "
+                     f"{type(fn).__name__}")
+
+
 def sample(
     name: str,
     fn: Distribution,
@@ -241,7 +392,9 @@ def sample(
         obs: observed data; the site is then a cost node ``log fn(obs)`` instead of a latent.
         estimator: how objectives estimate the gradient through this site (e.g.
             ``sg.Pathwise()``, ``sg.ScoreFunction()``, ``sg.RLOO()``); ``None`` picks the default
-            (pathwise for reparameterisable distributions, score function otherwise).
+            (pathwise for reparameterisable distributions, score function otherwise). It must
+            be an :class:`~scgjax.Estimator` instance (the class ``sg.RLOO`` is an error); on
+            an observed site, objectives ignore it and warn.
 
     Example:
         >>> import jax, scgjax as sg
@@ -249,8 +402,13 @@ def sample(
         >>> sg.handlers.seed(lambda: sg.sample("x", dist.Normal(0.0, 1.0)), 0)().shape
         ()
     """
+    _check_name("sample", name)
     if not isinstance(fn, Distribution):
-        raise SiteError(name, f"expects a distribution, got {type(fn).__name__}")
+        raise _not_a_distribution(name, fn)
+    if estimator is not None:
+        from scgjax.estimators.base import check_estimator  # estimators sit above primitives
+
+        check_estimator(name, estimator)
     fn = _dist.fix_known_bugs(fn)
     msg = new_message("sample", name, fn=fn, kwargs={"rng_key": None}, value=obs,
                       is_observed=obs is not None, estimator=estimator)
@@ -260,14 +418,17 @@ def sample(
 def param(
     name: str,
     init_value: Any = None,
-    constraint: constraints.Constraint = constraints.real,
+    constraint: constraints.Constraint | None = constraints.real,
 ) -> Any:
     """A trainable parameter; returns its (constrained) value.
 
     Params are stored *unconstrained*: ``sg.init_params`` returns
     ``biject_to(constraint).inv(init_value)`` and objectives map stored values back through
     ``biject_to(constraint)``. ``init_value`` may be an array, a pytree (e.g. flax parameters,
-    with the ``real`` constraint), or a callable ``rng_key -> value``.
+    with the ``real`` constraint), or a callable ``rng_key -> value``. ``constraint`` is a
+    numpyro constraint (``None`` means ``constraints.real``); anything else, such as the string
+    ``"positive"``, or a constraint without a bijection from the reals, is a
+    :class:`~scgjax.errors.SiteError` naming the param.
 
     Example:
         >>> import jax.numpy as jnp, scgjax as sg
@@ -275,16 +436,72 @@ def param(
         >>> float(sg.handlers.seed(lambda: sg.param("s", 2.0, constraints.positive), 0)())
         2.0
     """
+    _check_name("param", name)
+    constraint = _check_constraint(name, constraint)
     msg = new_message("param", name, args=(init_value,),
                       kwargs={"rng_key": None, "constraint": constraint})
-    return apply_stack(msg)["value"]
+    value = apply_stack(msg)["value"]
+    if value is None:
+        raise SiteError(name, "is a param without a value: give sg.param an init_value (an "
+                        "array, or a function rng_key -> array), or give it a value in params")
+    return value
+
+
+def _check_constraint(name: str, constraint: Any) -> constraints.Constraint:
+    """``constraint`` as a numpyro constraint with a bijection from the reals (``None`` is
+    ``constraints.real``); a :class:`SiteError` naming the param otherwise."""
+    if constraint is None:
+        return constraints.real
+    if not isinstance(constraint, constraints.Constraint):
+        hint = "constraints.positive"
+        if isinstance(constraint, str):
+            known = getattr(constraints, constraint, None)
+            if isinstance(known, constraints.Constraint):
+                hint = f"constraints.{constraint}"
+        elif isinstance(constraint, type):
+            hint = "an instance such as constraints.positive"
+        raise SiteError(name, f"is a param whose constraint must be a numpyro constraint (from "
+                        f"scgjax.dist import constraints), got {type(constraint).__name__} "
+                        f"{constraint!r}; did you mean {hint}?")
+    if constraint is not constraints.real:
+        try:
+            _dist.biject_to(constraint)
+        except NotImplementedError:
+            raise SiteError(name, f"is a param with constraint {constraint}, which has no "
+                            "bijection from the reals, so it cannot be trained") from None
+    return constraint
+
+
+def _numeric(name: str, what: str, value: Any, allow_int: bool) -> jax.Array:
+    """``value`` as a real (float, or int with ``allow_int``) JAX array; a :class:`SiteError`
+    naming the site for anything else (a string, ``None``, a dict, a complex or bool array)."""
+    try:
+        bad = value is None or isinstance(value, (str, bytes, dict))
+        array = None if bad else jnp.asarray(value)
+    except (TypeError, ValueError):
+        array = None
+    if array is None:
+        raise SiteError(name, f"is {what} and needs a real-valued array, got "
+                        f"{type(value).__name__} {value!r:.80}")
+    dtype = array.dtype
+    if jnp.issubdtype(dtype, jnp.bool_):
+        raise SiteError(name, f"is {what} with a boolean value, which is ambiguous: for a hard "
+                        "constraint write jnp.where(cond, 0.0, -jnp.inf), for a reward or count "
+                        "cond.astype(float)")
+    if not (jnp.issubdtype(dtype, jnp.floating)
+            or (allow_int and jnp.issubdtype(dtype, jnp.integer))):
+        raise SiteError(name, f"is {what} and needs a real-valued array, got dtype {dtype}")
+    return array
 
 
 def factor(name: str, log_factor: Any) -> None:
     """Add ``log_factor`` (an array; one element per plate element) to the objective.
 
     A factor is a cost node: objectives maximise the expected sum of factors and log-densities.
-    Inside plates, ``log_factor`` must have the plates' batch shape (or broadcast to it).
+    Inside plates, ``log_factor`` must have the plates' batch shape (or broadcast to it). It
+    must be real (float or int); a boolean, complex or non-numeric value is a
+    :class:`~scgjax.errors.SiteError` (a boolean could mean a hard constraint or a 0/1 reward:
+    write ``jnp.where(cond, 0.0, -jnp.inf)`` or ``cond.astype(float)``).
 
     Example:
         >>> import jax.numpy as jnp, scgjax as sg
@@ -292,7 +509,10 @@ def factor(name: str, log_factor: Any) -> None:
         >>> float(tr["bonus"]["fn"].log_prob(tr["bonus"]["value"]))
         1.5
     """
-    log_factor = jnp.asarray(log_factor)
+    _check_name("factor", name)
+    log_factor = _numeric(name, "a factor", log_factor, allow_int=True)
+    if not jnp.issubdtype(log_factor.dtype, jnp.floating):
+        log_factor = log_factor.astype(jnp.result_type(float))
     msg = new_message("sample", name, fn=_dist.Unit(log_factor), kwargs={"rng_key": None},
                       value=jnp.zeros(jnp.shape(log_factor) + (0,)), is_observed=True,
                       is_factor=True, estimator=None)
@@ -302,13 +522,31 @@ def factor(name: str, log_factor: Any) -> None:
 def deterministic(name: str, value: Any) -> Any:
     """Record a deterministic function of other sites in the trace, and return it.
 
+    ``value`` is an array (or a pytree of arrays); a string, ``None`` or another object is a
+    :class:`~scgjax.errors.SiteError` naming the site.
+
     Example:
         >>> import scgjax as sg
         >>> sg.handlers.trace(lambda: sg.deterministic("d", 3.0)).get_trace()["d"]["value"]
         3.0
     """
+    _check_name("deterministic", name)
+    leaves = jax.tree.leaves(value)
+    for leaf in leaves:
+        ok = isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex))
+        if ok and isinstance(getattr(leaf, "dtype", None), np.dtype):
+            ok = leaf.dtype.kind not in "OUSV"  # not object, string or raw bytes
+        if not ok:
+            raise SiteError(name, f"is a deterministic site and needs an array (or a pytree of "
+                            f"arrays), got {type(leaf).__name__} {leaf!r:.80}")
+    if not leaves:
+        raise SiteError(name, f"is a deterministic site and needs an array, got {value!r:.80}")
     msg = new_message("deterministic", name, args=(value,))
     return apply_stack(msg)["value"]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 class plate(Messenger):
@@ -333,14 +571,19 @@ class plate(Messenger):
     def __init__(self, name: str, size: int, dim: int | None = None,
                  subsample_size: int | None = None):
         super().__init__()
-        if not isinstance(size, (int, np.integer)) or size < 1:
+        if not isinstance(name, str):
+            raise TypeError(f"a plate's name must be a str, got {name!r}; write "
+                            "sg.plate(name, size)")
+        if not _is_int(size) or size < 1:
             raise SiteError(name, f"is a plate and needs a positive int size, got {size!r}")
-        if subsample_size is not None and not 1 <= subsample_size <= size:
+        if subsample_size is not None and (not _is_int(subsample_size)
+                                           or not 1 <= subsample_size <= size):
             raise SiteError(
-                name, f"has subsample_size {subsample_size!r}, which is not in [1, {size}]"
+                name, f"has subsample_size {subsample_size!r}, which is not an int in "
+                f"[1, {size}]",
             )
-        if dim is not None and dim >= 0:
-            raise SiteError(name, f"is a plate and needs a negative dim, got {dim}")
+        if dim is not None and (not _is_int(dim) or dim >= 0):
+            raise SiteError(name, f"is a plate and needs a negative int dim, got {dim!r}")
         self.name = name
         self.size = int(size)
         self.subsample_size = None if subsample_size is None else int(subsample_size)
@@ -394,6 +637,7 @@ class plate(Messenger):
                 f"the enclosing plate '{frame.name}' has size {frame.size}",
             )
         if here != frame.size or len(batch) != len(fn.batch_shape):
+            msg.setdefault("unplated_batch_shape", tuple(fn.batch_shape))
             new_batch = list(batch)
             new_batch[frame.dim] = frame.size
             msg["fn"] = fn.expand(tuple(new_batch))
@@ -414,11 +658,26 @@ def module(name: str, nn_module: Any, *example_inputs: Any) -> Callable:
         >>> sg.handlers.seed(prog, 0)(jnp.ones(3)).shape
         (2,)
     """
+    from flax import errors as flax_errors
     from flax import linen, nnx
 
+    _check_name("module", name)
+    if isinstance(nn_module, type):
+        raise SiteError(name, f"was given the class {nn_module.__name__}; pass a module "
+                        f"instance, e.g. {nn_module.__name__}(...)")
     if isinstance(nn_module, linen.Module):
         def init(rng_key):
-            variables = nn_module.init(rng_key, *example_inputs)
+            try:
+                variables = nn_module.init(rng_key, *example_inputs)
+            except SiteError:
+                raise
+            except Exception as e:  # noqa: BLE001 - re-raised with the site's name
+                shapes = [jax.tree.map(jnp.shape, x) for x in example_inputs]
+                given = (f"the example inputs of shapes {shapes}" if example_inputs else
+                         "no example inputs (write sg.module(name, module, x) with an x "
+                         "shaped like the module's input)")
+                raise SiteError(name, f"is a linen module whose init failed with {given}: "
+                                f"{type(e).__name__}: {e}") from e
             extra = sorted(set(variables) - {"params"})
             if extra:
                 raise SiteError(
@@ -429,7 +688,18 @@ def module(name: str, nn_module: Any, *example_inputs: Any) -> Callable:
             return variables["params"]
 
         weights = param(name, init)
-        return lambda *args, **kwargs: nn_module.apply({"params": weights}, *args, **kwargs)
+
+        def apply(*args, **kwargs):
+            try:
+                return nn_module.apply({"params": weights}, *args, **kwargs)
+            except flax_errors.FlaxError as e:
+                shapes = [jax.tree.map(jnp.shape, x) for x in args]
+                raise SiteError(name, f"is a linen module called with inputs of shapes "
+                                f"{shapes} that do not fit its weights "
+                                f"{jax.tree.map(jnp.shape, weights)} (set by its example "
+                                f"inputs or by params): {type(e).__name__}: {e}") from e
+
+        return apply
     if isinstance(nn_module, nnx.Module):
         graphdef, weights, rest = nnx.split(nn_module, nnx.Param, ...)
         weights = param(name, weights)

@@ -145,6 +145,35 @@ def zero_value(x: jax.Array) -> jax.Array:
     return x - jax.lax.stop_gradient(x)
 
 
+def check_estimator(name: str, estimator: Any) -> None:
+    """Raise a :class:`SiteError` naming the site unless ``estimator`` is ``None`` or an
+    :class:`Estimator` *instance* (a class, a string, a baseline are common slips).
+
+    Example:
+        >>> from scgjax.estimators.rloo import RLOO
+        >>> check_estimator("z", RLOO())
+        >>> check_estimator("z", RLOO)
+        Traceback (most recent call last):
+        ...
+        scgjax.errors.SiteError: site 'z' was given the class RLOO ...; did you mean sg.RLOO()?
+    """
+    if estimator is None or isinstance(estimator, Estimator):
+        return
+    if isinstance(estimator, type):
+        hint = (f"did you mean sg.{estimator.__name__}()?" if issubclass(estimator, Estimator)
+                else "pass an estimator instance such as sg.RLOO() or sg.ScoreFunction()")
+        raise SiteError(name, f"was given the class {estimator.__name__} as its estimator; "
+                        f"{hint}")
+    if hasattr(estimator, "init_state") and (hasattr(estimator, "baseline_for")
+                                            or callable(estimator)):
+        raise SiteError(name, f"was given the baseline {estimator!r} as its estimator; a "
+                        "baseline goes inside a score-function estimator: "
+                        "estimator=sg.ScoreFunction(baseline=...)")
+    raise SiteError(name, f"needs an scgjax estimator (an instance of sg.Estimator such as "
+                    f"sg.Pathwise(), sg.ScoreFunction() or sg.RLOO()), got "
+                    f"{type(estimator).__name__} {estimator!r}")
+
+
 def require_particles(estimator: Estimator, name: str, num_particles: int, minimum: int) -> None:
     """Raise a :class:`SiteError` naming the site if fewer than ``minimum`` particles."""
     if num_particles < minimum:

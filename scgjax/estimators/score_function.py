@@ -6,8 +6,50 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from scgjax.baselines import Constant
 from scgjax.estimators.base import Estimator, ScoreContext
+
+
+def check_baseline(baseline: Any) -> Any:
+    """``baseline`` if it is ``None`` or a baseline object (``init_state`` and ``__call__`` or
+    ``baseline_for``), ``Constant(baseline)`` for a real number or numeric array; otherwise a
+    ``TypeError`` that says what was given and what to write instead.
+
+    Example:
+        >>> check_baseline(2.0)
+        Constant(value=2.0)
+        >>> from scgjax.baselines import MovingAverage
+        >>> check_baseline(MovingAverage)
+        Traceback (most recent call last):
+        ...
+        TypeError: ScoreFunction(baseline=...) got the class MovingAverage; did you mean ...
+    """
+    if baseline is None:
+        return None
+    if isinstance(baseline, type):
+        raise TypeError(f"ScoreFunction(baseline=...) got the class {baseline.__name__}; did "
+                        f"you mean {baseline.__name__}()?")
+    if isinstance(baseline, Estimator):
+        raise TypeError(f"ScoreFunction(baseline=...) got the estimator {baseline!r}; a "
+                        "baseline is e.g. sg.baselines.MovingAverage(0.9) or a number")
+    if hasattr(baseline, "init_state") and (callable(baseline)
+                                            or hasattr(baseline, "baseline_for")):
+        return baseline
+    if not isinstance(baseline, (bool, np.bool_, str, bytes)):
+        try:
+            dtype = jnp.result_type(baseline)
+        except TypeError:
+            dtype = None
+        if dtype is not None and (jnp.issubdtype(dtype, jnp.integer)
+                                  or jnp.issubdtype(dtype, jnp.floating)):
+            return Constant(baseline)
+    raise TypeError(
+        f"ScoreFunction(baseline=...) needs None, a number (a constant baseline) or a baseline "
+        f"of sg.baselines (e.g. MovingAverage(0.9), Constant(b), Neural(net, inputs=x)), got "
+        f"{type(baseline).__name__} {baseline!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,13 +63,23 @@ class ScoreFunction(Estimator):
     state lives in the objective's state pytree. The baseline's optional hooks ``collect``,
     ``init_params``, ``baseline_for(ctx)`` and ``training_term(ctx)`` are forwarded to it.
 
+    A number or a numeric array ``b`` is taken as ``Constant(b)``; anything else that is not a
+    baseline (a baseline *class*, a string, ...) is a ``TypeError``.
+
     Example:
         >>> import scgjax as sg
         >>> sg.ScoreFunction(baseline=sg.baselines.MovingAverage(0.9))
         ScoreFunction(baseline=MovingAverage(decay=0.9))
+        >>> sg.ScoreFunction(baseline=-3.0)
+        ScoreFunction(baseline=Constant(value=-3.0))
     """
 
     baseline: Any = None
+
+    def __post_init__(self):
+        baseline = check_baseline(self.baseline)
+        if baseline is not self.baseline:
+            object.__setattr__(self, "baseline", baseline)
 
     def collect(self, msg: dict) -> Any:
         hook = getattr(self.baseline, "collect", None)

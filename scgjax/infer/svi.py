@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
+import operator
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from scgjax import handlers
-from scgjax.objectives import Objective
-from scgjax.objectives.program import SINGLE
-from scgjax.params import init_params, split_static, strong_types
+from scgjax.diagnostics import explain_nonfinite
+from scgjax.errors import NonFiniteError, SiteError
+from scgjax.objectives import Objective, program
+from scgjax.objectives.program import SINGLE, site_log_prob
+from scgjax.params import _param_messages, cached_build, init_params, split_static, strong_types
 
 __all__ = ["SVI", "SVIState", "SVIRunResult"]
 
@@ -44,6 +50,11 @@ class SVI:
     such as moving-average baselines, threaded through), :meth:`run` loops with a progress bar.
     Arguments that are not arrays (ints, strings, functions) are treated as static.
 
+    Nothing non-finite passes silently: :meth:`init` and :meth:`run` check their array
+    arguments for NaN and inf (naming the site that receives them), and :meth:`run` stops at
+    the first step whose loss is not finite with a :class:`~scgjax.errors.NonFiniteError`
+    that names the step and the first non-finite quantity and carries the last good state.
+
     Example:
         >>> import jax, optax, scgjax as sg
         >>> from scgjax import dist
@@ -60,6 +71,11 @@ class SVI:
 
     def __init__(self, model: Callable, guide: Callable | None,
                  optimizer: optax.GradientTransformation, objective: Objective):
+        if isinstance(objective, type) and issubclass(objective, Objective):
+            prefix = "sg." if objective.__module__.startswith("scgjax") else ""
+            raise TypeError(f"objective is the class {objective.__name__}, not an objective: "
+                            f"pass an instance, e.g. {prefix}{objective.__name__}() (with its "
+                            "options, such as num_particles=...)")
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be an scgjax objective, got {objective!r}")
         if objective.kind == SINGLE and guide is not None:
@@ -67,6 +83,7 @@ class SVI:
                             "guide=None")
         if objective.kind != SINGLE and guide is None:
             raise TypeError(f"{type(objective).__name__} needs a guide")
+        _check_optimizer(optimizer)
         self.model = model
         self.guide = guide
         self.optimizer = optimizer
@@ -76,10 +93,30 @@ class SVI:
 
     def init(self, rng_key: Any, *args, init_params_: dict | None = None, **kwargs
              ) -> SVIState:
-        """Initial params (``sg.init_params``), optimiser state and estimator state."""
+        """Initial params (``sg.init_params``), optimiser state and estimator state.
+
+        Array arguments holding NaN or inf are an error naming the site that receives them
+        (see :meth:`run`)."""
         key = handlers.as_prng_key(rng_key)
+        self._check_arguments(key, init_params_, args, kwargs)
+        state = self._init(key, args, kwargs, init_params_)
+        self._check_data(state.params, args, kwargs)
+        return state
+
+    def _check_data(self, params: dict, args: tuple, kwargs: dict) -> None:
+        """Run the program(s) once, un-jitted, on the concrete arguments, so that every
+        observed value is checked against its site's support (inside the jitted step the data
+        are tracers and cannot be checked). Skipped when anything is traced."""
+        leaves = jax.tree.leaves((params, args, kwargs))
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return
+        program.run(self.objective.kind, jax.random.key(0), params, self.programs, args,
+                    kwargs, self.objective.num_particles,
+                    default=self.objective.default_estimator)
+
+    def _init(self, key: jax.Array, args: tuple, kwargs: dict, params: dict | None
+              ) -> SVIState:
         key_init, key_state, key_run = jax.random.split(key, 3)
-        params = init_params_
         if params is None:
             params = init_params(key_init, self.model, self.guide, *args, **kwargs)
         est_state = self.objective.init_state(key_state, params, *self.programs, *args,
@@ -124,32 +161,282 @@ class SVI:
                                               *self.programs, *args, **kwargs)[0]
 
     def run(self, rng_key: Any, num_steps: int, *args, progress_bar: bool = True,
-            state: SVIState | None = None, log_every: int | None = None, **kwargs
-            ) -> SVIRunResult:
+            state: SVIState | None = None, log_every: int | None = None,
+            stop_on_nonfinite: bool = True, **kwargs) -> SVIRunResult:
         """Run ``num_steps`` steps; show a progress bar with the running objective.
 
         Returns the final params and state, the loss of every step and the history of the
         objective's metrics.
+
+        Non-finite values are reported, never trained on silently:
+
+        - array arguments holding NaN or inf are a :class:`~scgjax.errors.SiteError` naming the
+          site that receives them (its observed value or log-density is then not finite), or a
+          warning naming the argument when no site's log-density receives them;
+        - with ``stop_on_nonfinite`` (the default), the run stops at the first step whose loss
+          (or whose updated params or estimator state) is not finite, with a
+          :class:`~scgjax.errors.NonFiniteError` naming the step and the first non-finite
+          quantity (:func:`scgjax.diagnostics.explain_nonfinite` at that step's params and
+          key). ``err.state`` is the last good state, the one before that step (the estimator
+          state, such as a moving-average baseline, is not poisoned), and ``err.result`` the
+          history of the steps before it. The losses are checked every ``log_every`` steps
+          (no extra synchronisation per step); on a failure the steps since the last check
+          are replayed, deterministically, to find the first bad one.
+
+        ``stop_on_nonfinite=False`` keeps training whatever the loss.
         """
+        num_steps = _check_count(num_steps, "num_steps", 0)
+        if log_every is not None:
+            log_every = _check_count(log_every, "log_every", 1)
         if state is None:
-            state = self.init(rng_key, *args, **kwargs)
+            key = handlers.as_prng_key(rng_key)
+            self._check_arguments(key, None, args, kwargs)
+            state = self._init(key, args, kwargs, None)
+        else:
+            self._check_arguments(state.rng_key, state.params, args, kwargs)
+        self._check_data(state.params, args, kwargs)
         losses = np.empty(num_steps, dtype=np.float32)
         history: dict[str, list] = {}
         bar = _progress(num_steps, progress_bar)
         every = log_every or max(1, num_steps // 100)
+        good, good_step = state, 0  # the last state known to be finite, and its step
         for i in range(num_steps):
             state, metrics = self._update(state, args, kwargs)
             for name, value in metrics.items():
                 history.setdefault(name, []).append(value)
-            if bar is not None and (i % every == 0 or i == num_steps - 1):
-                running = float(np.mean(jax.device_get(history["loss"][-every:])))
-                bar.set_postfix_str(f"objective {-running:.4g}")
-                bar.update(i + 1 - bar.n)
+            if i % every == 0 or i == num_steps - 1:
+                if stop_on_nonfinite:
+                    recent = np.asarray(jax.device_get(history["loss"][good_step:]))
+                    if not (np.isfinite(recent).all() and bool(_all_finite(state))):
+                        if bar is not None:
+                            bar.close()
+                        raise self._nonfinite_error(good, good_step, i + 1, history, args,
+                                                    kwargs)
+                    good, good_step = state, i + 1
+                if bar is not None:
+                    running = float(np.mean(jax.device_get(history["loss"][-every:])))
+                    bar.set_postfix_str(f"objective {-running:.4g}")
+                    bar.update(i + 1 - bar.n)
         if bar is not None:
             bar.close()
         metric_arrays = {k: np.asarray(jax.device_get(v)) for k, v in history.items()}
         losses[:] = metric_arrays.get("loss", losses)
         return SVIRunResult(state.params, state, losses, metric_arrays)
+
+    def _nonfinite_error(self, good: SVIState, good_step: int, end: int, history: dict,
+                         args: tuple, kwargs: dict) -> NonFiniteError:
+        """The error of :meth:`run` when a step in ``[good_step, end)`` was not finite.
+
+        Replays the steps from ``good`` (the state before ``good_step``) with the same
+        compiled step until one has a non-finite loss or leaves non-finite params or
+        estimator state, then explains that step at the state before it, with its key."""
+        finite = np.isfinite(np.asarray(jax.device_get(history["loss"][good_step:end])))
+        # the first step with a non-finite loss, or the last one (the state went bad)
+        noted = good_step + (int(np.argmin(finite)) if not finite.all() else len(finite) - 1)
+        state, bad, loss, after = good, noted, float("nan"), None
+        for j in range(good_step, noted + 1):
+            new, metrics = self._update(state, args, kwargs)
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss) or not bool(_all_finite(new)) or j == noted:
+                bad, after = j, new
+                break
+            state = new
+        step_key = jax.random.split(state.rng_key)[1]
+        try:
+            explanation = explain_nonfinite(
+                self.objective, state.params, step_key, *self.programs, *args,
+                estimator_state=state.estimator_state, **kwargs)
+            first = explanation.first
+        except Exception as e:  # noqa: BLE001 -- the error must carry the state regardless
+            explanation, first = None, None
+            unexplained = f"; re-evaluating it failed ({type(e).__name__}: {e})"
+        else:
+            unexplained = ("; every quantity of the step (its loss, log-densities, gradient) "
+                           "is finite when it is re-evaluated, so "
+                           + ("the optimiser's update overflowed: lower the learning rate"
+                              if np.isfinite(loss) else
+                              "the computation is not reproducible (non-deterministic)"))
+        entry = _first_nonfinite_entry(after) if after is not None else None
+        updated = None if entry is None else entry[0]
+        if np.isfinite(loss) and updated is not None:
+            head = (f"SVI.run: step {bad} made {updated} non-finite (its loss, "
+                    f"{loss + 0.0:.6g}, was finite)")
+        else:
+            head = f"SVI.run: the loss became non-finite ({loss}) at step {bad}"
+        cause = unexplained if first is None else \
+            f"; the first non-finite quantity at that step: {first}"
+        metrics = {k: np.asarray(jax.device_get(v[:bad])) for k, v in history.items()}
+        result = SVIRunResult(state.params, state, metrics.get(
+            "loss", np.empty(0, np.float32)).astype(np.float32), metrics)
+        site = first.site if first is not None else None if entry is None else entry[1]
+        message = (
+            f"{head} (counting from 0 in this run){cause}. Training stopped: err.state is "
+            f"the last good state (before step {bad}) and err.result the history of the "
+            f"{bad} step{'' if bad == 1 else 's'} before it; print(err.explanation) lists every "
+            "non-finite quantity. "
+            "Fix the cause (a smaller learning rate, a constraint on a param, a guarded "
+            "factor, ...) and resume with svi.run(..., state=err.state), or pass "
+            "stop_on_nonfinite=False to train on regardless"
+        )
+        return NonFiniteError(message, site=site, step=bad, state=state, result=result,
+                              explanation=explanation)
+
+    def _check_arguments(self, key: jax.Array, params: dict | None, args: tuple,
+                         kwargs: dict) -> None:
+        """Raise if an array argument holds NaN or inf (see :meth:`run`)."""
+        bad = _first_nonfinite_argument(args, kwargs)
+        if bad is None:
+            return
+        label, text = bad
+        found = _site_receiving_nonfinite(self.model, self.guide, key, params, args, kwargs)
+        fix = ("remove or impute the NaN/inf entries of the data (or leave them out with "
+               "sg.handlers.mask) before training")
+        at = "the initial params" if params is None else "the current params"
+        if found is None:
+            warnings.warn(f"SVI: {label} holds a non-finite value ({text}), but no site's "
+                          f"log-density is non-finite at {at}: make sure the program "
+                          "handles it", stacklevel=3)
+            return
+        site, role, observed = found
+        if observed:
+            raise SiteError(site, f"has a non-finite observed value: {label} holds a "
+                            f"non-finite value ({text}); {fix}")
+        raise SiteError(site, f"has a non-finite log-density in the {role} at {at}, and "
+                        f"{label} holds a non-finite value ({text}); {fix}")
+
+
+def _check_count(value: Any, what: str, minimum: int) -> int:
+    """``value`` as an int ``>= minimum`` (numpy integers accepted), else a clear error."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be an int, got the bool {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        hint = ""
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            hint = f"; pass {what}={int(value)}"
+        raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})"
+                        f"{hint}") from None
+    if n < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}, got {n}")
+    return n
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """An optax ``GradientTransformation`` (or anything with ``init`` and ``update``)."""
+    if isinstance(optimizer, optax.GradientTransformation) or (
+            callable(getattr(optimizer, "init", None))
+            and callable(getattr(optimizer, "update", None))):
+        return
+    hint = ""
+    if callable(optimizer):
+        name = getattr(optimizer, "__name__", type(optimizer).__name__)
+        module = getattr(optimizer, "__module__", "") or ""
+        prefix = "optax." if module.startswith("optax") else ""
+        try:
+            first = next(iter(inspect.signature(optimizer).parameters), "")
+        except (TypeError, ValueError):
+            first = "..."
+        hint = f"; did you mean {prefix}{name}({first})?"
+    raise TypeError("optimizer must be an optax.GradientTransformation, such as "
+                    f"optax.adam(1e-3), got {optimizer!r}{hint}")
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point leaf of ``tree`` is finite (one device scalar)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _first_nonfinite_entry(state: SVIState) -> tuple[str, str | None] | None:
+    """``("param 'x'", "x")`` or ``("the estimator state of site 'z'", "z")``: the first
+    non-finite entry of a state's params and estimator state, and its name (else the
+    optimiser's state, with no name)."""
+    for what, tree in (("param '{}'", state.params),
+                       ("the estimator state of site '{}'", state.estimator_state)):
+        for name, value in tree.items():
+            if not bool(_all_finite(value)):
+                return what.format(name), name
+    if not bool(_all_finite(state.opt_state)):
+        return "the optimiser's state", None
+    return None
+
+
+def _first_nonfinite_argument(args: tuple, kwargs: dict) -> tuple[str, str] | None:
+    """``(label, text)`` of the first array argument (or float) holding NaN or inf, e.g.
+    ``("positional argument 0", "nan at index (3,)")``; integer and boolean arrays, keys and
+    tracers are skipped."""
+    leaves = jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
+    for path, leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer):
+            continue
+        if isinstance(leaf, (np.ndarray, jax.Array, np.generic)):
+            if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+                continue
+        elif not isinstance(leaf, float):
+            continue
+        a = np.asarray(leaf)
+        finite = np.isfinite(a)
+        if finite.all():
+            continue
+        index = tuple(int(i) for i in np.argwhere(~finite)[0])
+        text = f"{a[index].item()}" + (f" at index {index}" if index else "")
+        first, rest = path[1], path[2:]
+        label = (f"positional argument {first.idx}" if path[0].idx == 0
+                 else f"keyword argument {first.key!r}")
+        if rest:
+            label += f" (at {jax.tree_util.keystr(rest)})"
+        return label, text
+    return None
+
+
+def _site_receiving_nonfinite(model: Callable, guide: Callable | None, key: jax.Array,
+                              params: dict | None, args: tuple, kwargs: dict
+                              ) -> tuple[str, str, bool] | None:
+    """``(site, role, observed)``: the first sample site, in program order (the guide's
+    first), whose log-density is not finite when the programs run once (jitted) at
+    ``params`` (``None``: the initial values) with these arguments, preferring a site whose
+    observed value is itself not finite; ``None`` if every log-density is finite."""
+    arrays, rebuild = split_static((args, kwargs))
+
+    def build() -> tuple[Callable, list]:
+        sites: list[tuple[str, str, bool]] = []  # (name, role, observed), filled when traced
+
+        @jax.jit
+        def flags(key, params, arrays):
+            a, kw = rebuild(arrays)
+            _, traces = _param_messages(key, model, guide, params, a, kw)
+            roles = ("guide", "model") if guide is not None else ("program",)
+            out = []
+            sites.clear()
+            for role, tr in zip(roles, traces, strict=True):
+                for name, msg in tr.items():
+                    if msg["type"] != "sample":
+                        continue
+                    observed = msg["is_observed"] and not msg.get("is_factor")
+                    lp_bad = ~jnp.all(jnp.isfinite(site_log_prob(msg)))
+                    value = msg["value"]
+                    obs_bad = jnp.array(False)
+                    if observed and jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+                        obs_bad = lp_bad & ~jnp.all(jnp.isfinite(value))
+                    sites.append((name, role, bool(observed)))
+                    out.append((lp_bad, obs_bad))
+            return out
+
+        return flags, sites
+
+    # cached: a program that handles non-finite arguments itself is checked on every run
+    flags, sites = cached_build(("nonfinite_sites", model, guide, rebuild.signature), build)
+    result = jax.device_get(flags(key, params, arrays))
+    for (name, role, _), (_, obs_bad) in zip(sites, result, strict=True):
+        if obs_bad:
+            return name, role, True
+    for (name, role, _), (lp_bad, _) in zip(sites, result, strict=True):
+        if lp_bad:
+            return name, role, False
+    return None
 
 
 def _static_key(tree: Any) -> Any:

@@ -45,9 +45,8 @@ class Objective:
     record_signals: bool = False
 
     def __init__(self, num_particles: int = 1):
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
-        self.num_particles = num_particles
+        # an int >= 1 (numpy ints too, stored as a Python int; not a bool or a float)
+        self.num_particles = program.check_num_particles(num_particles)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_particles={self.num_particles})"

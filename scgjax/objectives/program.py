@@ -17,15 +17,18 @@ Both happen while the objective is being traced, so a jitted step does none of t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import biject_to
 
 from scgjax import handlers
 from scgjax.errors import SiteError
 from scgjax.estimators import default_estimator
+from scgjax.estimators.base import check_estimator, magic_box
 from scgjax.params import init_params, split_static
 from scgjax.primitives import Message, Messenger
 from scgjax.provenance import dependencies
@@ -57,7 +60,10 @@ class estimate(Messenger):
         est = msg.get("estimator")
         if est is None:
             est = self.default(msg["fn"], self.num_particles)
+            check_estimator(msg["name"], est)  # an objective's own default_estimator
         est.validate(msg["name"], msg["fn"], self.num_particles)
+        if getattr(est, "enumerates", False):
+            _check_enumerated_batch(msg)
         msg["fn"] = est.transform_fn(msg["fn"])
         msg["estimator"] = est
         msg["estimator_active"] = True
@@ -69,6 +75,22 @@ class estimate(Messenger):
     def postprocess_message(self, msg: Message) -> None:
         if msg["type"] == "sample" and msg["name"] in self.probes:
             msg["value"] = msg["value"] + self.probes[msg["name"]]
+
+
+def _check_enumerated_batch(msg: Message) -> None:
+    """Enumeration sets every element of a site to one support value per configuration, which
+    is exact only along plates (element ``n`` of a cost depends on element ``n`` alone): a batch
+    dimension of size > 1 that no plate declares would be enumerated jointly as if all its
+    elements were equal, a wrong number. Refuse it, naming the site."""
+    batch = tuple(msg["fn"].batch_shape)
+    dims = {f.dim for f in msg["cond_indep_stack"]}
+    free = [d for d in range(-len(batch), 0) if d not in dims and batch[d] > 1]
+    if free:
+        raise SiteError(
+            msg["name"], f"uses Enumerate, but its batch shape {batch} has dim {free[0]} (size "
+            f"{batch[free[0]]}) that no plate declares; enumeration is exact per plate element "
+            "only: declare that dim with sg.plate",
+        )
 
 
 class transform_like(Messenger):
@@ -95,17 +117,19 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
     enumerated sites; ``default(fn, K)`` chooses the estimator of sites that name none (see
     :class:`estimate`)."""
 
-    def prepare(fn, key):
+    plate_sizes: dict[str, tuple] = {}
+
+    def prepare(fn, key, role):
         fn = handlers.substitute_unconstrained(fn, params)
         if values is not None:
             fn = handlers.substitute(fn, values)
-        return handlers.seed(fn, key)
+        return handlers.seed(handlers.same_plate_sizes(fn, plate_sizes, role), key)
 
     if kind == SINGLE:
         (fn,) = programs
         with estimate(num_particles=num_particles, probes=probes, enum_index=enum_index,
                       default=default):
-            tr = handlers.trace(prepare(fn, rng_key)).get_trace(*args, **kwargs)
+            tr = handlers.trace(prepare(fn, rng_key, "program")).get_trace(*args, **kwargs)
         return {"program": tr}
     model, guide = programs
     # The model's key only matters for sites the guide does not replay (rare); derived
@@ -113,8 +137,10 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
     key_guide, key_model = rng_key, jax.random.fold_in(rng_key, 1)
     with estimate(num_particles=num_particles, probes=probes, enum_index=enum_index,
                       default=default):
-        guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
-    model_fn = handlers.replay(transform_like(prepare(model, key_model), guide_tr), guide_tr)
+        guide_tr = handlers.trace(prepare(guide, key_guide, "guide")).get_trace(*args,
+                                                                              **kwargs)
+    model_fn = handlers.replay(transform_like(prepare(model, key_model, "model"), guide_tr),
+                               guide_tr)
     model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
     _check_guided(model_tr, guide_tr)
     return {"guide": guide_tr, "model": model_tr}
@@ -135,12 +161,74 @@ def _check_guided(model_tr: dict, guide_tr: dict) -> None:
             raise SiteError(name, "is sampled by the guide, but the model has no such site")
         if other["is_observed"]:
             raise SiteError(name, "is sampled by the guide, but the model observes it")
+        check_supports(name, msg["fn"], other["fn"])
     for name, msg in model_tr.items():
         if _is_latent(msg) and name not in guide_tr:
             raise SiteError(
                 name, "is a latent site of the model that the guide does not sample; add it "
                 "to the guide (or observe it in the model)"
             )
+
+
+_UNCONSTRAINED_PROBES = (-7.0, -1.5, -0.3, 0.0, 0.4, 2.0, 6.0)
+_MAX_ENUMERATED = 4096
+
+
+def check_supports(name: str, guide_fn: Any, model_fn: Any) -> None:
+    """The guide's values of site ``name`` must lie in the model site's support.
+
+    A discrete model site with a continuous guide site, or a continuous model site whose
+    support does not contain the guide's (a positive model site, a real-valued guide), gives a
+    finite or infinite number in numpyro and Pyro and never an error; here it is a
+    :class:`~scgjax.errors.SiteError`. The check is on the distributions, once per trace: points
+    of the guide's support (``biject_to(support)`` of a few unconstrained values, or every value
+    of a finite support) must satisfy the model's support, wherever that can be decided
+    without the program's values (supports with traced bounds are not checked).
+    """
+    g, m = guide_fn.support, model_fn.support
+    if m.is_discrete and not g.is_discrete:
+        raise SiteError(
+            name, f"is discrete in the model ({type(model_fn).__name__}, support {m}) but "
+            f"continuous in the guide ({type(guide_fn).__name__}, support {g}); give the guide a "
+            "distribution on the model's support (or relax both with sg.GumbelSoftmax)",
+        )
+    with jax.ensure_compile_time_eval():  # concrete even while a jitted step is traced
+        points = _support_points(guide_fn)
+        if points is None:
+            return
+        try:
+            inside = m(points)
+        except Exception:  # e.g. event shapes that do not match: the value check reports those
+            return
+    if isinstance(inside, jax.core.Tracer):
+        return
+    if not np.all(np.asarray(inside)):
+        raise SiteError(
+            name, f"has support {g} in the guide ({type(guide_fn).__name__}), which is not "
+            f"contained in the model's support {m} ({type(model_fn).__name__}): the guide would "
+            "propose values the model cannot score. Use a guide distribution on the model's "
+            "support (for a positive site, e.g. LogNormal or a TransformedDistribution)",
+        )
+
+
+def _support_points(fn: Any) -> jax.Array | None:
+    """A few points of ``fn``'s support (values of ``fn``'s event shape), or ``None``."""
+    support = fn.support
+    event = tuple(fn.event_shape)
+    try:
+        if support.is_discrete:
+            if not getattr(fn, "has_enumerate_support", False):
+                return None
+            values = fn.enumerate_support(expand=False)
+            if isinstance(values, jax.core.Tracer) or values.size > _MAX_ENUMERATED:
+                return None
+            return values
+        transform = biject_to(support)
+        shape = transform.inverse_shape(event)
+        points = jnp.stack([transform(jnp.full(shape, u)) for u in _UNCONSTRAINED_PROBES])
+    except Exception:  # supports with traced parameters, or no bijection: not checked
+        return None
+    return None if isinstance(points, jax.core.Tracer) else points
 
 
 def sampling_role(kind: str) -> str:
@@ -198,7 +286,22 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
 def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tuple,
             kwargs: dict, num_particles: int, default: Callable = default_estimator
             ) -> Structure:
-    """Trace the program abstractly and build its SCG (see the module docstring)."""
+    """Trace the program abstractly and build its SCG (see the module docstring).
+
+    This is also where the program's inputs are checked, once per trace: ``params`` must hold
+    every param the programs declare (an error naming the closest key otherwise, from
+    :class:`~scgjax.handlers.substitute_unconstrained`) and a key that is no param of them is
+    warned about; an ``estimator=`` that the objective ignores (on an observed site, or on a
+    model's latent site when the guide samples it) is warned about too.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict from param names to unconstrained values (as "
+                        f"sg.init_params returns), got {type(params).__name__}")
+    num_particles = check_num_particles(num_particles)
+    for fn in programs:
+        if not callable(fn):
+            raise TypeError(f"the model and guide must be functions, got "
+                            f"{type(fn).__name__} {fn!r:.60}")
     dyn, rebuild = split_static((params, args, kwargs))
     dyn_abstract = [_abstract(x) for x in dyn]
     key_abstract = _abstract(rng_key)
@@ -214,6 +317,8 @@ def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: 
         found["costs"] = cost_sites(kind, traces)
         found["plates"] = _plates(traces)
         found["shared_params"] = _shared_params(traces)
+        _check_params_used(params, traces)
+        _check_estimators_used(kind, traces)
         found["cost_plates"] = {
             cid: tuple(f.name for f in traces[r][s]["cond_indep_stack"])
             for cid, r, s, _ in found["costs"]
@@ -251,6 +356,62 @@ def analyse(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: 
                      shared_params=found["shared_params"])
 
 
+def check_num_particles(num_particles: Any) -> int:
+    """``num_particles`` as a Python int: it must be an integer (a Python or numpy int, not a
+    bool or a float) of at least 1; a ``TypeError`` or ``ValueError`` that says so otherwise.
+
+    Example:
+        >>> import numpy as np
+        >>> check_num_particles(np.int64(4))
+        4
+    """
+    if isinstance(num_particles, (bool, np.bool_)) or not isinstance(
+            num_particles, (int, np.integer)):
+        raise TypeError(f"num_particles must be an int >= 1, got {type(num_particles).__name__} "
+                        f"{num_particles!r}")
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
+    return int(num_particles)
+
+
+def _check_params_used(params: Mapping, traces: dict) -> None:
+    """Warn about each key of ``params`` that no program declares: not an ``sg.param`` /
+    ``sg.module`` site, nor ``"<site>$<key>"`` of a sample site's estimator (a missing param
+    is already an error, raised by ``substitute_unconstrained``)."""
+    declared = {n for tr in traces.values() for n, m in tr.items() if m["type"] == "param"}
+    samples = {n for tr in traces.values() for n, m in tr.items() if m["type"] == "sample"}
+    for key in params:
+        if key in declared:
+            continue
+        if isinstance(key, str) and "$" in key and key.split("$", 1)[0] in samples:
+            continue
+        close = handlers.closest_name(key, sorted(declared))
+        handlers.warn_user(
+            f"site '{key}' is a key of params but no param of the program"
+            + (f" (did you mean '{close}'?)" if close else "")
+            + ": it is ignored and gets no gradient")
+
+
+def _check_estimators_used(kind: str, traces: dict) -> None:
+    """Warn about each ``estimator=`` that the objective ignores: on an observed site (it is a
+    cost, not a random choice), or on a latent site of the model of a guided objective (the
+    guide's site is the random choice; its estimator is used)."""
+    for role, tr in traces.items():
+        for name, msg in tr.items():
+            if msg["type"] != "sample" or msg.get("estimator") is None:
+                continue
+            if msg["is_observed"] and not msg.get("is_factor"):
+                handlers.warn_user(
+                    f"site '{name}' is observed in the {role}, so its estimator "
+                    f"{msg['estimator']!r} is ignored (estimators apply to latent sites only)")
+            elif (role == "model" and kind == GUIDED
+                  and msg["estimator"] != traces["guide"].get(name, {}).get("estimator")):
+                handlers.warn_user(
+                    f"site '{name}' has estimator {msg['estimator']!r} in the model, which is "
+                    "ignored: the guide samples this site, and the guide's estimator is used "
+                    "(give estimator= in the guide)")
+
+
 def _shared_params(traces: dict) -> tuple[str, ...]:
     """The param sites of every trace, when there are several (model and guide)."""
     names = [{n for n, m in tr.items() if m["type"] == "param"} for tr in traces.values()]
@@ -271,10 +432,16 @@ def _plates(traces: dict) -> dict[str, Plate]:
         for msg in tr.values():
             for f in msg.get("cond_indep_stack", ()):
                 known = plates.setdefault(f.name, Plate(f.name, f.size, f.full_size))
-                if (known.size, known.full_size) != (f.size, f.full_size):
+                if known.full_size != f.full_size:
                     raise SiteError(
-                        f.name, f"is a plate used with sizes {known.size} and {f.size}; a plate "
-                        "name must always have the same size",
+                        f.name, f"is a plate used with sizes {known.full_size} and "
+                        f"{f.full_size}; a plate name must always have the same size",
+                    )
+                if known.size != f.size:
+                    raise SiteError(
+                        f.name, f"is a plate of size {f.full_size} subsampled to {known.size} "
+                        f"and to {f.size} elements; a plate must be subsampled the same way "
+                        "wherever it is used",
                     )
     return plates
 
@@ -303,6 +470,8 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
         msg = traces[role][n]
         extras[n] = {"value": jax.lax.stop_gradient(msg["value"]),
                      "collected": msg["estimator"].collect(msg)}
+        if structure.kind == GUIDED and not msg["estimator"].reparameterised:
+            extras[n]["own_cost_shift"] = own_cost_shift(log_prob(role, n), msg)
     costs = {}
     for cid, r, s, sign in structure.costs:
         msg = traces[r][s]
@@ -311,6 +480,22 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
             lp = lp * msg["scale"]
         costs[cid] = to_canonical(sign * lp, msg, order)
     return logq, costs, extras
+
+
+def own_cost_shift(log_q: jax.Array, msg: Message) -> jax.Array:
+    """``sum_elements (box(log q(w)) - 1) * s``: the zero-valued term that removes the direct
+    derivative of a sampled (not reparameterised) guide site's own cost ``-s log q(w)``.
+
+    That derivative, ``-s grad log q(w)`` at the drawn ``w``, has mean zero and is pure noise: with
+    it, every score estimator computes ``grad log q (Q - b - s)``, a baseline ``s`` nats off, and
+    the gradient at the exact posterior with the exact baseline is not 0 (Pyro's and NumPyro's
+    TraceGraph_ELBO drop it too). Adding ``(box(log q) - 1) * s`` cancels it at first order; as a
+    DiCE baseline term with a constant baseline (Mao et al. 2019) its derivatives of every order
+    have mean zero, so higher-order estimates stay unbiased. ``s`` is the site's scale
+    (sub-sampling, ``sg.handlers.scale``); masked elements have ``log q = 0`` and add nothing.
+    """
+    scale = 1.0 if msg.get("scale") is None else jax.lax.stop_gradient(msg["scale"])
+    return jnp.sum((magic_box(log_q) - 1.0) * scale)
 
 
 def graph(model: Callable, guide: Callable | None = None, *args, params: dict | None = None,

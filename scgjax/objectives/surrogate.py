@@ -13,6 +13,9 @@ share ``n`` (costs outside a plate are credited to every element); and because e
 multiplied by the box of exactly its upstream log-densities, derivatives of any order are
 unbiased (Foerster et al. 2018). ``term_w`` is the estimator's extra term (a baseline, a control
 variate), built from ``Q_w``: the same costs, reduced to ``w``'s elements, gradient stopped.
+For a sampled guide site, one more zero-valued term, ``sum (box(log q(w)) - 1) * s_w``
+(:func:`scgjax.objectives.program.own_cost_shift`), cancels the direct derivative of its own cost
+``-s_w log q(w)``, a zero-mean term that would otherwise shift every baseline by ``s_w`` nats.
 """
 
 from __future__ import annotations
@@ -88,4 +91,6 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
         )
         term, new_state[w] = est.surrogate_term(ctx)
         surrogate = surrogate + term
+        if "own_cost_shift" in extras[w]:  # see program.own_cost_shift
+            surrogate = surrogate + extras[w]["own_cost_shift"].mean()
     return surrogate, jax.lax.stop_gradient(total), new_state

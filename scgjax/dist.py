@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -47,6 +48,26 @@ def _softplus_jvp(primals, tangents):
     return softplus(x), t * jax.nn.sigmoid(x)
 
 
+def validate_concrete_sample(log_prob_fn: Any) -> Any:
+    """numpyro's ``validate_sample`` for a ``log_prob`` override, applied to concrete values.
+
+    With validation on (numpyro's default), a value outside the support gets ``-inf`` and
+    numpyro's warning, as from numpyro's own classes. A traced value (inside a jitted step) is
+    not checked here, so the step does no extra work: data are checked against the support where
+    they enter, once, at trace time (``sg.sample``, ``sg.SVI.init``/``run``), and sampled values
+    lie in the support by construction.
+    """
+    validated = validate_sample(log_prob_fn)
+
+    @functools.wraps(log_prob_fn)
+    def log_prob(self, value):
+        if isinstance(value, jax.core.Tracer):
+            return log_prob_fn(self, value)
+        return validated(self, value)
+
+    return log_prob
+
+
 class BernoulliLogits(_nd.BernoulliLogits):
     """Bernoulli with logits ``l``: ``log p(y) = l y - softplus(l)`` (right gradient at 0).
 
@@ -54,7 +75,7 @@ class BernoulliLogits(_nd.BernoulliLogits):
     prior's logits shared over a batch are transformed once.
     """
 
-    @validate_sample  # keeps numpyro's support check (validate_args=True): -inf off {0, 1}
+    @validate_concrete_sample  # numpyro's support check: -inf off {0, 1}
     def log_prob(self, value):
         return value * self.logits - softplus(self.logits)
 
@@ -145,7 +166,7 @@ class OneHotCategorical(_nd.Distribution):
         index = jax.random.categorical(key, self.logits, shape=shape)
         return jax.nn.one_hot(index, self.event_shape[0], dtype=jnp.result_type(float))
 
-    @validate_sample
+    @validate_concrete_sample
     def log_prob(self, value: jax.Array) -> jax.Array:
         return jnp.sum(value * jax.nn.log_softmax(self.logits, axis=-1), axis=-1)
 
@@ -206,7 +227,7 @@ class RelaxedOneHotCategorical(_nd.Distribution):
     def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
         return self.rsample(key, sample_shape)
 
-    @validate_sample
+    @validate_concrete_sample
     def log_prob(self, value: jax.Array) -> jax.Array:
         n = self.event_shape[0]
         tau = self._tau()

@@ -59,8 +59,8 @@ def as_prng_key(rng_key: Any, what: str = "rng_key") -> jax.Array:
         >>> as_prng_key(0).dtype
         key<fry>
     """
-    if isinstance(rng_key, (int,)) and not isinstance(rng_key, bool):
-        return jax.random.key(rng_key)
+    if isinstance(rng_key, (int, np.integer)) and not isinstance(rng_key, (bool, np.bool_)):
+        return jax.random.key(int(rng_key))
     if isinstance(rng_key, jax.Array):
         if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key) and rng_key.shape == ():
             return rng_key
@@ -73,6 +73,17 @@ def as_prng_key(rng_key: Any, what: str = "rng_key") -> jax.Array:
         f"int seed, got {type(rng_key).__name__}"
         + (f" of shape {shape} and dtype {dtype}" if shape is not None else "")
     )
+
+
+def same_constraint(a: Any, b: Any) -> bool:
+    """Whether two numpyro constraints are the same (the same class and parameters).
+
+    Example:
+        >>> from numpyro.distributions import constraints
+        >>> same_constraint(constraints.interval(0.0, 1.0), constraints.interval(0.0, 1.0))
+        True
+    """
+    return a is b or (type(a) is type(b) and repr(a) == repr(b))
 
 
 class trace(Messenger):
@@ -112,6 +123,10 @@ class trace(Messenger):
                     raise SiteError(
                         name, f"is a param re-declared with shape {new}; it was {old} before"
                     )
+                before, now = (m["kwargs"]["constraint"] for m in (previous, msg))
+                if not same_constraint(before, now):
+                    raise SiteError(name, f"is a param re-declared with constraint {now}; it "
+                                    f"was {before} before")
                 return
             raise SiteError(
                 name,
@@ -151,8 +166,7 @@ class seed(Messenger):
     keeps_state = True
 
     def __enter__(self) -> seed:
-        self._key = as_prng_key(self.rng_seed, "rng_seed")
-        self._plate_key = jax.random.fold_in(self._key, 0x9E3779B9 & 0x7FFFFFFF)
+        self._key = self._seed_key = as_prng_key(self.rng_seed, "rng_seed")
         return super().__enter__()
 
     def process_message(self, msg: Message) -> None:
@@ -168,8 +182,9 @@ class seed(Messenger):
             # One subsample per plate name and run: every entry of the plate (the same object
             # entered twice, or two statements of one name) draws the same indices, which is
             # also what `replay` gives the model.
-            name_hash = zlib.crc32(msg["name"].encode())
-            msg["kwargs"]["rng_key"] = jax.random.fold_in(self._plate_key, name_hash)
+            plates_key = jax.random.fold_in(self._seed_key, 0x9E3779B9 & 0x7FFFFFFF)
+            name_hash = zlib.crc32(msg["name"].encode()) & 0x7FFFFFFF
+            msg["kwargs"]["rng_key"] = jax.random.fold_in(plates_key, name_hash)
         else:
             self._key, msg["kwargs"]["rng_key"] = jax.random.split(self._key)
 
@@ -256,6 +271,8 @@ class substitute(Messenger):
             value = self.substitute_fn(msg)
         if value is not None:
             msg["value"] = value
+            if msg["type"] == "sample":
+                msg["substituted"] = True  # checked against the support when concrete
 
 
 _INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, np))
@@ -347,10 +364,27 @@ class substitute_unconstrained(Messenger):
                     msg["name"],
                     f"is a param declared with shape {want}, but the params hold shape {have}",
                 )
+        _check_finite_param(msg["name"], stored)
         if constraint is constraints.real:
             msg["value"] = stored
         else:
             msg["value"] = biject_to(constraint)(stored)
+
+
+def _check_finite_param(name: str, stored: Any) -> None:
+    """A concrete stored param value must be finite (a NaN would reach the distributions
+    as a raw numpyro error, or as a NaN loss, naming nothing)."""
+    for leaf in jax.tree.leaves(stored):
+        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(
+                jnp.result_type(leaf), jnp.inexact):
+            continue
+        bad = ~np.isfinite(np.asarray(leaf))
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+            raise SiteError(name, f"is a param whose value in params is not finite "
+                            f"({int(bad.sum())} of {bad.size} elements, the first at index "
+                            f"{index}); training diverged? (sg.SVI.run stops at the first "
+                            "non-finite step and keeps the last good state)")
 
 
 class condition(Messenger):
@@ -409,6 +443,12 @@ class replay(Messenger):
         super().__init__(fn)
         if trace is None:
             raise TypeError("replay needs a trace")
+        if not isinstance(trace, dict) or not all(
+                isinstance(m, dict) and "type" in m for m in trace.values()):
+            raise TypeError(
+                "replay needs a trace, as returned by sg.handlers.trace(fn).get_trace(...) (a "
+                "dict of site messages), not a dict of values: to fix values use "
+                "sg.handlers.substitute(fn, data={...})")
         self.trace = trace
 
     def process_message(self, msg: Message) -> None:
@@ -427,7 +467,36 @@ class replay(Messenger):
             return
         if msg["is_observed"] or recorded["type"] != "sample" or recorded["is_observed"]:
             return
+        _check_same_plate_dims(msg, recorded)
         msg["value"] = recorded["value"]
+        self._matched += 1
+
+    def __enter__(self) -> replay:
+        self._matched = 0
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        latent = sorted(n for n, m in self.trace.items()
+                        if m["type"] == "sample" and not m.get("is_observed"))
+        if exc_type is None and latent and not self._matched:
+            warn_user(f"site '{latent[0]}' and the other latent sites of the trace given to "
+                      "sg.handlers.replay match no latent site of the program: nothing was "
+                      "replayed (a trace of another program?)")
+
+
+def _check_same_plate_dims(msg: Message, recorded: Message) -> None:
+    """A replayed value is laid out by the recording program's plates: each plate the two
+    sites share must sit at the same batch dim, else the value would be silently transposed
+    (e.g. plates nested in the opposite order in the guide and the model)."""
+    here = {f.name: f.dim for f in msg["cond_indep_stack"]}
+    for f in recorded["cond_indep_stack"]:
+        if f.name in here and here[f.name] != f.dim:
+            raise SiteError(
+                msg["name"], f"sits in plate '{f.name}' at dim {here[f.name]} here (the model) but "
+                f"at dim {f.dim} in the replayed trace (the guide): nest the plates in the same "
+                "order in both programs, or give them explicit dims",
+            )
 
 
 class block(Messenger):
@@ -449,20 +518,45 @@ class block(Messenger):
     def __init__(self, fn: Callable | None = None,
                  hide_fn: Callable[[Message], bool] | None = None,
                  hide: Iterable[str] | None = None, expose: Iterable[str] | None = None):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"block's first argument is the program to wrap, got "
+                            f"{type(fn).__name__}; write block(fn, hide=[...])")
         super().__init__(fn)
         if sum(x is not None for x in (hide_fn, hide, expose)) > 1:
             raise TypeError("block takes at most one of hide_fn, hide, expose")
+        for what, names in (("hide", hide), ("expose", expose)):
+            if isinstance(names, str):
+                raise TypeError(f"block's {what} is a list of site names, got the string "
+                                f"{names!r}; write {what}=[{names!r}]")
+        if hide_fn is not None and not callable(hide_fn):
+            raise TypeError(f"block's hide_fn must be a function of the message, got "
+                            f"{type(hide_fn).__name__}; for names use hide=[...]")
+        self._names = None
         if hide is not None:
-            names = set(hide)
+            names = self._names = set(hide)
             hide_fn = lambda msg: msg["name"] in names
         elif expose is not None:
-            names = set(expose)
+            names = self._names = set(expose)
             hide_fn = lambda msg: msg["name"] not in names
         elif hide_fn is None:
             hide_fn = lambda msg: True
         self.hide_fn = hide_fn
 
+    def __enter__(self) -> block:
+        self._seen: set[str] = set()
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        if exc_type is None and self._names:
+            for name in sorted(self._names - self._seen):
+                hint = closest_name(name, self._seen)
+                warn_user(f"site '{name}' is not a site of the program"
+                          + (f" (did you mean '{hint}'?)" if hint else "")
+                          + ": sg.handlers.block ignores it")
+
     def process_message(self, msg: Message) -> None:
+        self._seen.add(msg["name"])
         if self.hide_fn(msg):
             msg["stop"] = True
 
@@ -484,13 +578,27 @@ class scale(Messenger):
     def __init__(self, fn: Callable | None = None, scale: Any = 1.0):
         super().__init__(fn)
         # numpy, not jnp: under jit a jnp comparison of a Python float is staged into a tracer
-        if not isinstance(scale, jax.core.Tracer) and bool(np.any(np.asarray(scale) <= 0)):
-            raise ScgjaxError(f"scale must be positive, got {scale}")
+        if not isinstance(scale, jax.core.Tracer) and not bool(np.all(np.asarray(scale) > 0)):
+            raise ScgjaxError(f"scale must be positive (and not NaN), got {scale}")
         self.scale = scale
 
     def process_message(self, msg: Message) -> None:
         if msg["type"] in ("sample",):
             msg["scale"] = self.scale if msg["scale"] is None else msg["scale"] * self.scale
+
+    def postprocess_message(self, msg: Message) -> None:
+        if msg["type"] != "sample":
+            return
+        batch = tuple(msg["fn"].batch_shape)  # final: every plate has expanded the site
+        try:
+            fits = np.broadcast_shapes(np.shape(self.scale), batch) == batch
+        except ValueError:
+            fits = False
+        if not fits:
+            raise SiteError(
+                msg["name"], f"has batch shape {batch} (plates included), which a scale of "
+                f"shape {np.shape(self.scale)} does not broadcast to",
+            )
 
 
 class mask(Messenger):

@@ -335,6 +335,11 @@ def _param_messages(rng_key: Any, model: Callable, guide: Callable | None, param
             if old != new:
                 raise SiteError(name, f"is a param declared with shape {old} in the guide and "
                                 f"{new} in the model")
+            guide_c, model_c = (m["kwargs"]["constraint"] for m in (sites[name], msg))
+            if not handlers.same_constraint(guide_c, model_c):
+                raise SiteError(name, f"is a param declared with constraint {guide_c} in the "
+                                f"guide and {model_c} in the model; one stored value cannot "
+                                "serve both: give both declarations the same constraint")
         else:
             sites[name] = msg
     return sites, traces

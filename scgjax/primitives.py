@@ -113,7 +113,7 @@ def apply_stack(msg: Message) -> Message:
         msg["value"] = _DEFAULTS[msg["type"]](msg)
     if msg["type"] == "sample":
         _check_plate_broadcast(msg)
-        if msg["is_observed"] and not msg.get("is_factor"):
+        if (msg["is_observed"] or msg.get("substituted")) and not msg.get("is_factor"):
             _check_observed_value(msg)
         _check_sample_value(msg)
     for handler in _HANDLER_STACK[len(_HANDLER_STACK) - visited :]:
@@ -251,24 +251,26 @@ def _kept_elements(msg: Message, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _check_observed_value(msg: Message) -> None:
-    """An observed value that is concrete (data, not a tracer) must be finite and lie in the
-    support of the site's distribution; float labels of an integer-valued distribution
-    (``Categorical``, ``Poisson``, ...) are cast to ints when they are whole numbers.
+    """An observed (or substituted) value that is concrete (data, not a tracer) must be finite
+    and lie in the support of the site's distribution; float labels of an integer-valued
+    distribution (``Categorical``, ``Poisson``, ...) are cast to ints when they are whole numbers.
 
     Masked elements are not checked (padding may hold anything). numpyro only checks supports
     with ``validate_args=True``, and scgjax's own ``log_prob`` overrides would otherwise give an
     observed 2 under a Bernoulli a finite log-density.
     """
     fn, name = msg["fn"], msg["name"]
+    what = "observed" if msg["is_observed"] else "substituted"
     value = _concrete(msg["value"])
     support = fn.support
     integral = support.is_discrete and not isinstance(support, type(constraints.boolean))
     if value is None:
-        if integral and jnp.issubdtype(jnp.result_type(msg["value"]), jnp.floating):
+        if (integral and msg["is_observed"]
+                and jnp.issubdtype(jnp.result_type(msg["value"]), jnp.floating)):
             msg["value"] = jnp.asarray(msg["value"]).astype(jnp.int32)
         return
     if value.dtype == object or not np.issubdtype(value.dtype, np.number) and value.dtype != bool:
-        raise SiteError(name, f"has an observed value of dtype {value.dtype}; expected numbers "
+        raise SiteError(name, f"has an {what} value of dtype {value.dtype}; expected numbers "
                         f"for its {type(fn).__name__} distribution")
     keep = _kept_elements(msg, value.shape)
     if np.issubdtype(value.dtype, np.inexact):
@@ -277,7 +279,7 @@ def _check_observed_value(msg: Message) -> None:
             bad = bad & keep
         if bad.any():
             raise SiteError(
-                name, f"has non-finite observed values (NaN or inf): {_first_bad(bad)}. Remove "
+                name, f"has non-finite {what} values (NaN or inf): {_first_bad(bad)}. Remove "
                 "or impute them, or mask them out with sg.handlers.mask",
             )
     if integral and np.issubdtype(value.dtype, np.floating):
@@ -286,7 +288,7 @@ def _check_observed_value(msg: Message) -> None:
             fractional = fractional & keep
         if fractional.any():
             raise SiteError(
-                name, f"has observed values that are not whole numbers ({_first_bad(fractional)}),"
+                name, f"has {what} values that are not whole numbers ({_first_bad(fractional)}),"
                 f" but {type(fn).__name__} takes integer values",
             )
         value = value.astype(np.int32)
@@ -306,7 +308,7 @@ def _check_observed_value(msg: Message) -> None:
         bad = bad & keep
     if bad.any():
         raise SiteError(
-            name, f"has observed values outside the support {support} of its "
+            name, f"has {what} values outside the support {support} of its "
             f"{type(fn).__name__} distribution: {_first_bad(np.atleast_1d(bad))}",
         )
 
@@ -438,6 +440,7 @@ def param(
     """
     _check_name("param", name)
     constraint = _check_constraint(name, constraint)
+    init_value = _as_float_init(name, init_value)
     msg = new_message("param", name, args=(init_value,),
                       kwargs={"rng_key": None, "constraint": constraint})
     value = apply_stack(msg)["value"]
@@ -445,6 +448,21 @@ def param(
         raise SiteError(name, "is a param without a value: give sg.param an init_value (an "
                         "array, or a function rng_key -> array), or give it a value in params")
     return value
+
+
+def _as_float_init(name: str, init_value: Any) -> Any:
+    """Python ints and (nested) lists of numbers as float arrays: a param is trained by
+    gradients, so an int ``0`` or a list ``[0., 1.]`` (which JAX cannot add to a tracer) would
+    fail deep inside the step. Arrays, pytrees and callables are kept as they are."""
+    if isinstance(init_value, (bool, np.bool_)):
+        raise SiteError(name, f"is a param initialised to the bool {init_value!r}; params are "
+                        "real-valued (use 0.0 or 1.0)")
+    numbers = isinstance(init_value, (int, np.integer)) or (
+        isinstance(init_value, list)
+        and all(isinstance(x, (int, float)) for x in jax.tree.leaves(init_value)))
+    if numbers:  # a list of arrays stays a pytree
+        return jnp.asarray(init_value, dtype=jnp.result_type(float))
+    return init_value
 
 
 def _check_constraint(name: str, constraint: Any) -> constraints.Constraint:

@@ -36,6 +36,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from scgjax.errors import SiteError
 from scgjax.primitives import Message
 
 __all__ = ["Plate", "StochasticNode", "CostNode", "SCG", "canonical_plate_shape",
@@ -130,11 +131,17 @@ class SCG:
 
     def credited_costs(self, name: str) -> tuple[str, ...]:
         """The costs downstream of node ``name`` (what its score is multiplied by)."""
+        if name not in self.nodes:
+            raise SiteError(name, "is not a stochastic node of this graph (its nodes are "
+                            f"{sorted(self.nodes)}); the costs are {sorted(self.cost_inputs)}")
         reach = self.descendants(name) | {name}
         return tuple(c for c, ins in self.cost_inputs.items() if ins & reach)
 
     def upstream(self, cost_id: str) -> tuple[str, ...]:
         """The stochastic nodes that cost ``cost_id`` is downstream of."""
+        if cost_id not in self.cost_inputs:
+            raise SiteError(cost_id, "is not a cost of this graph (its costs are "
+                            f"{sorted(self.cost_inputs)})")
         inputs = self.cost_inputs[cost_id]
         return tuple(n for n in self.nodes if inputs & (self.descendants(n) | {n}))
 

@@ -300,3 +300,80 @@ def test_an_objectives_default_estimator_is_checked_and_programs_must_be_callabl
         Odd(num_particles=2).loss(0, {"l": jnp.zeros(())}, model, guide)
     with pytest.raises(TypeError, match="model and guide must be functions, got int"):
         sg.graph(model, 3, params={})
+
+
+def _plated_obs():
+    with sg.plate("n", 2):
+        sg.sample("x", dist.Normal(0.0, 1.0), obs=jnp.zeros(2))
+
+
+def test_scale_of_the_wrong_shape_names_the_site():
+    with pytest.raises(sg.SiteError, match=r"'x'.*scale of shape \(3,\)"):
+        sg.handlers.trace(sg.handlers.scale(_plated_obs, scale=jnp.ones(3))).get_trace()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda fn: sg.handlers.block(fn, hide="x"), "string 'x'"),
+    (lambda fn: sg.handlers.block(fn, ["x"]), "hide_fn must be a function"),
+    (lambda fn: sg.handlers.block(["x"]), "first argument is the program"),
+    (lambda fn: sg.handlers.replay(fn, trace={"x": 1.0}), "not a dict of values"),
+], ids=["block-hide-str", "block-list-positional", "block-no-fn", "replay-values"])
+def test_malformed_handler_arguments(make, match):
+    with pytest.raises(TypeError, match=match):
+        make(_plated_obs)
+
+
+def test_numpy_integer_seeds_are_keys():
+    program = lambda: sg.sample("z", dist.Normal(0.0, 1.0))
+    a = sg.handlers.seed(program, np.int64(3))()
+    assert float(a) == float(sg.handlers.seed(program, 3)())
+
+
+def test_int_and_list_param_inits_become_float_arrays():
+    def program():
+        m = sg.param("m", 0)
+        v = sg.param("v", [0.0, 1.0])
+        sg.factor("f", -((m - 3.0) ** 2) - jnp.sum(v))
+
+    params = sg.init_params(0, program)
+    assert params["m"].dtype == jnp.float32 and params["v"].shape == (2,)
+    result = sg.SVI(program, None, optax.adam(0.5), sg.Expectation()).run(
+        0, 5, progress_bar=False)
+    assert result.params["m"] > 0.5
+
+
+def test_score_estimator_on_a_delta_is_refused():
+    model = lambda: sg.sample("z", dist.Normal(3.0, 1.0))
+    guide = lambda: sg.sample("z", dist.Delta(sg.param("m", 0.0)), estimator=sg.RLOO())
+    with pytest.raises(sg.SiteError, match="'z'.*Delta.*Pathwise"):
+        sg.ELBO(num_particles=2).loss(0, sg.init_params(0, model, guide), model, guide)
+
+
+def test_unknown_node_of_a_graph_is_named():
+    model = lambda: sg.sample("z", dist.Normal(3.0, 1.0))
+    guide = lambda: sg.sample("z", dist.Normal(sg.param("m", 0.0), 1.0))
+    g = sg.graph(model, guide)
+    with pytest.raises(sg.SiteError, match="'zz' is not a stochastic node"):
+        g.credited_costs("zz")
+    with pytest.raises(sg.SiteError, match=r"'log p\(zz\)' is not a cost"):
+        g.upstream("log p(zz)")
+
+
+def test_one_param_with_two_constraints_is_an_error():
+    def model():
+        sg.param("s", 1.0, constraints.positive)
+        sg.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        sg.param("s", 1.0)
+        sg.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(sg.SiteError, match="'s'.*constraint Real.*Positive"):
+        sg.init_params(0, model, guide)
+
+    def twice():
+        sg.param("t", 1.0, constraints.positive)
+        sg.param("t", 1.0, constraints.unit_interval)
+
+    with pytest.raises(sg.SiteError, match="'t'.*re-declared with constraint"):
+        sg.handlers.trace(twice).get_trace()

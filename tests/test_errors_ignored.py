@@ -227,3 +227,13 @@ def test_no_number_is_computed_for_a_misspelt_key():
     with pytest.raises(sg.SiteError):
         result = sg.ELBO().loss(0, bad, model, guide, 1.0)
     assert result is None and np.isfinite(float(good))
+
+
+def test_block_and_replay_with_names_the_program_never_uses_warn():
+    program = lambda: sg.sample("z", dist.Normal(0.0, 1.0))
+    with pytest.warns(UserWarning, match="'zz'.*did you mean 'z'.*block ignores it"):
+        sg.handlers.block(sg.handlers.seed(program, 0), hide=["zz"])()
+    other = sg.handlers.trace(sg.handlers.seed(lambda: sg.sample("y", dist.Normal(0.0, 1.0)),
+                                               0)).get_trace()
+    with pytest.warns(UserWarning, match="'y'.*nothing was replayed"):
+        sg.handlers.seed(sg.handlers.replay(program, trace=other), 0)()

@@ -307,3 +307,16 @@ def test_zero_steps_numpy_integers_and_update_under_jit_still_work():
     assert np.isfinite(float(loss))
     result = svi.run(None, np.int32(2), X, idx, state=state, progress_bar=False)
     assert np.isfinite(result.losses).all()
+
+
+def test_nan_param_given_to_a_loss_names_the_param():
+    model = lambda: sg.sample("z", dist.Normal(0.0, 1.0))
+    guide = lambda: sg.sample("z", dist.Normal(sg.param("m", 0.0), 1.0))
+    params = dict(sg.init_params(0, model, guide), m=jnp.array(jnp.nan))
+    with pytest.raises(sg.SiteError, match="'m'.*not finite"):
+        sg.ELBO().loss(0, params, model, guide)
+
+
+def test_nan_scale_is_refused():
+    with pytest.raises(sg.ScgjaxError, match="scale must be positive"):
+        sg.handlers.scale(lambda: None, scale=float("nan"))

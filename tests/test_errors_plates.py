@@ -96,3 +96,17 @@ def test_documented_shapes_still_work(shape):
 
     z = sg.handlers.seed(program, 0)()
     assert z.shape[-1] == 5
+
+
+def test_plates_nested_in_another_order_in_the_guide_are_an_error():
+    # the guide's value would be replayed transposed into the model
+    def model():
+        with sg.plate("a", 3), sg.plate("b", 3):
+            sg.sample("z", dist.Normal(jnp.arange(3.0), 1.0))
+
+    def guide():
+        with sg.plate("b", 3), sg.plate("a", 3):
+            sg.sample("z", dist.Normal(sg.param("m", jnp.zeros((3, 3))), 1.0))
+
+    with pytest.raises(sg.SiteError, match="'z' sits in plate 'a' at dim -1.*dim -2"):
+        sg.ELBO().loss(0, sg.init_params(0, model, guide), model, guide)

@@ -136,3 +136,19 @@ def test_contained_supports_are_fine(model_fn, guide_fn):
     estimator = None if guide_fn.has_rsample else sg.ScoreFunction()
     guide = lambda: sg.sample("z", guide_fn, estimator=estimator)
     assert np.isfinite(float(elbo(model, guide)))
+
+
+def test_discrete_guide_without_enumerable_support_is_checked():
+    # a Poisson guide proposes counts a Binomial(3) model cannot score
+    model = lambda: sg.sample("z", dist.Binomial(3, probs=0.5))
+    guide = lambda: sg.sample("z", dist.Poisson(2.0), estimator=sg.ScoreFunction())
+    with pytest.raises(sg.SiteError, match="'z'.*not contained"):
+        elbo(model, guide)
+
+
+@pytest.mark.parametrize("value, match", [(jnp.nan, "non-finite substituted"),
+                                          (-1.0, "substituted values outside the support")])
+def test_substituted_values_are_checked_when_concrete(value, match):
+    model = lambda: sg.sample("z", dist.Exponential(1.0))
+    with pytest.raises(sg.SiteError, match=f"'z'.*{match}"):
+        run(sg.handlers.substitute(model, data={"z": value}))

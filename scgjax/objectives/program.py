@@ -62,6 +62,12 @@ class estimate(Messenger):
             est = self.default(msg["fn"], self.num_particles)
             check_estimator(msg["name"], est)  # an objective's own default_estimator
         est.validate(msg["name"], msg["fn"], self.num_particles)
+        if not est.reparameterised and _is_delta(msg["fn"]):
+            raise SiteError(
+                msg["name"], f"is a Delta (a point mass) with {type(est).__name__}, which "
+                "differentiates its log-density, constant at the point: the gradient would be "
+                "0. Use estimator=sg.Pathwise() (the value carries the gradient)",
+            )
         if getattr(est, "enumerates", False):
             _check_enumerated_batch(msg)
         msg["fn"] = est.transform_fn(msg["fn"])
@@ -75,6 +81,12 @@ class estimate(Messenger):
     def postprocess_message(self, msg: Message) -> None:
         if msg["type"] == "sample" and msg["name"] in self.probes:
             msg["value"] = msg["value"] + self.probes[msg["name"]]
+
+
+def _is_delta(fn: Any) -> bool:
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return type(fn).__name__ == "Delta"
 
 
 def _check_enumerated_batch(msg: Message) -> None:
@@ -172,6 +184,7 @@ def _check_guided(model_tr: dict, guide_tr: dict) -> None:
 
 _UNCONSTRAINED_PROBES = (-7.0, -1.5, -0.3, 0.0, 0.4, 2.0, 6.0)
 _MAX_ENUMERATED = 4096
+_INTEGER_PROBES = (0, 1, 2, 3, 5, 10, 100)
 
 
 def check_supports(name: str, guide_fn: Any, model_fn: Any) -> None:
@@ -218,7 +231,13 @@ def _support_points(fn: Any) -> jax.Array | None:
     try:
         if support.is_discrete:
             if not getattr(fn, "has_enumerate_support", False):
-                return None
+                # e.g. a Poisson, or a Bernoulli inside .to_event: the probe integers that lie
+                # in the guide's own support
+                probes = jnp.broadcast_to(
+                    jnp.asarray(_INTEGER_PROBES).reshape((-1,) + (1,) * len(event)),
+                    (len(_INTEGER_PROBES), *event))
+                inside = np.asarray(support(probes)).reshape(len(_INTEGER_PROBES), -1).all(1)
+                return probes[inside] if inside.any() else None
             values = fn.enumerate_support(expand=False)
             if isinstance(values, jax.core.Tracer) or values.size > _MAX_ENUMERATED:
                 return None

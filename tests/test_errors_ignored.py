@@ -237,3 +237,29 @@ def test_block_and_replay_with_names_the_program_never_uses_warn():
                                                0)).get_trace()
     with pytest.warns(UserWarning, match="'y'.*nothing was replayed"):
         sg.handlers.seed(sg.handlers.replay(program, trace=other), 0)()
+
+
+def test_numpyro_keyword_names_are_not_passed_to_the_programs():
+    def model(x):
+        sg.sample("x", dist.Normal(sg.param("m", 0.0), 1.0), obs=x)
+
+    svi = sg.SVI(model, None, optax.adam(0.1), sg.Expectation())
+    params = sg.init_params(0, model, None, 1.0)
+    with pytest.raises(TypeError, match="init_params=.*state="):
+        svi.run(0, 2, 1.0, init_params=params, progress_bar=False)
+    with pytest.raises(TypeError, match="init_state=.*state="):
+        svi.run(0, 2, 1.0, init_state=None, progress_bar=False)
+
+
+def test_get_params_gives_the_constrained_values():
+    # state.params are unconstrained (what is trained); numpyro users expect get_params
+    def model():
+        sg.sample("x", dist.Normal(0.0, 1.0), obs=0.5)
+
+    def guide():
+        sg.param("s", 3.0, constraints.positive)
+
+    svi = sg.SVI(model, guide, optax.adam(0.1), sg.ELBO())
+    state = svi.init(0)
+    np.testing.assert_allclose(float(state.params["s"]), np.log(3.0), rtol=1e-6)
+    np.testing.assert_allclose(float(svi.get_params(state)["s"]), 3.0, rtol=1e-6)

@@ -18,7 +18,14 @@ from scgjax.diagnostics import explain_nonfinite
 from scgjax.errors import NonFiniteError, SiteError
 from scgjax.objectives import Objective, program
 from scgjax.objectives.program import SINGLE, site_log_prob
-from scgjax.params import _param_messages, cached_build, init_params, split_static, strong_types
+from scgjax.params import (
+    _param_messages,
+    cached_build,
+    constrain_params,
+    init_params,
+    split_static,
+    strong_types,
+)
 
 __all__ = ["SVI", "SVIState", "SVIRunResult"]
 
@@ -97,6 +104,7 @@ class SVI:
 
         Array arguments holding NaN or inf are an error naming the site that receives them
         (see :meth:`run`)."""
+        self._check_numpyro_keywords(kwargs)
         key = handlers.as_prng_key(rng_key)
         self._check_arguments(key, init_params_, args, kwargs)
         state = self._init(key, args, kwargs, init_params_)
@@ -154,6 +162,34 @@ class SVI:
             step = self._jitted[static_key] = jax.jit(step)
         return step(state, arrays)
 
+    def get_params(self, state: SVIState, *args, **kwargs) -> dict:
+        """The *constrained* params of ``state`` (what ``sg.param`` returns inside the
+        programs; ``state.params`` holds unconstrained values), like numpyro's
+        ``SVI.get_params``. ``args``/``kwargs`` are the programs' arguments.
+
+        Example:
+            >>> import jax, optax, scgjax as sg
+            >>> from scgjax import dist
+            >>> def model():
+            ...     sg.sample("x", dist.Normal(0.0, 1.0), obs=0.5)
+            >>> def guide():
+            ...     sg.param("s", 2.0, dist.constraints.positive)
+            >>> svi = sg.SVI(model, guide, optax.adam(0.1), sg.ELBO())
+            >>> state = svi.init(0)
+            >>> round(float(state.params["s"]), 4), round(float(svi.get_params(state)["s"]), 4)
+            (0.6931, 2.0)
+        """
+        return constrain_params(state.params, self.model, self.guide, *args, **kwargs)
+
+    def _check_numpyro_keywords(self, kwargs: dict) -> None:
+        """numpyro's keyword names would otherwise reach the programs as their arguments."""
+        renamed = {"init_params": "init_params_ (SVI.init) or state= (SVI.run)",
+                   "init_state": "state=", "progress": "progress_bar="}
+        for name, ours in renamed.items():
+            if name in kwargs and not any(_accepts_keyword(f, name) for f in self.programs):
+                raise TypeError(f"SVI got the keyword {name}=, which the programs do not take "
+                                f"(numpyro's name?); scgjax's is {ours}")
+
     def evaluate(self, state: SVIState, *args, **kwargs) -> jax.Array:
         """The objective's loss at the current params (a fresh key; no update)."""
         key = jax.random.fold_in(state.rng_key, 1)
@@ -184,7 +220,11 @@ class SVI:
           are replayed, deterministically, to find the first bad one.
 
         ``stop_on_nonfinite=False`` keeps training whatever the loss.
+
+        With ``state=`` (to resume), ``rng_key`` is not used: the state carries its own key, so
+        a resumed run continues the same random stream.
         """
+        self._check_numpyro_keywords(kwargs)
         num_steps = _check_count(num_steps, "num_steps", 0)
         if log_every is not None:
             log_every = _check_count(log_every, "log_every", 1)
@@ -303,6 +343,14 @@ class SVI:
                             f"non-finite value ({text}); {fix}")
         raise SiteError(site, f"has a non-finite log-density in the {role} at {at}, and "
                         f"{label} holds a non-finite value ({text}); {fix}")
+
+
+def _accepts_keyword(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True  # cannot tell: let it through
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _check_count(value: Any, what: str, minimum: int) -> int:

@@ -252,7 +252,7 @@ def load_mnist(
     was used.
 
     >>> ds = load_mnist("test")  # doctest: +SKIP
-    scgjax: MNIST test split, 10000 images from IDX files in /data/mnist
+    scgjax: MNIST test split, 10000 images from IDX files in $SCGJAX_DATA_DIR
     >>> ds.images.shape, ds.labels.dtype  # doctest: +SKIP
     ((10000, 784), dtype('int32'))
     """
@@ -269,13 +269,16 @@ def load_mnist(
     loaded: tuple[np.ndarray, np.ndarray] | None = None
     source = ""
 
+    where = None  # read from the environment: named by the variable, so that reports written
+    # from ``source`` carry no absolute path of the machine
     if data_dir is None and os.environ.get("SCGJAX_DATA_DIR"):
-        data_dir = os.environ["SCGJAX_DATA_DIR"]
+        data_dir, where = os.environ["SCGJAX_DATA_DIR"], "$SCGJAX_DATA_DIR"
     if data_dir is not None:
         directory = Path(data_dir).expanduser()
         files = _split_files(directory, split)
         if files is not None:
-            loaded, source = _load_idx_pair(*files), f"IDX files in {directory}"
+            loaded = _load_idx_pair(*files)
+            source = f"IDX files in {where or directory}"
         else:
             tried.append(f"data directory {directory}: no {split} files")
 

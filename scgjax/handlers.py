@@ -32,7 +32,7 @@ import numpy as np
 from numpyro.distributions import biject_to, constraints
 
 from scgjax.errors import ScgjaxError, SiteError
-from scgjax.primitives import Message, Messenger
+from scgjax.primitives import Message, Messenger, describe_bad
 
 __all__ = [
     "Messenger",
@@ -380,11 +380,9 @@ def _check_finite_param(name: str, stored: Any) -> None:
             continue
         bad = ~np.isfinite(np.asarray(leaf))
         if bad.any():
-            index = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
             raise SiteError(name, f"is a param whose value in params is not finite "
-                            f"({int(bad.sum())} of {bad.size} elements, the first at index "
-                            f"{index}); training diverged? (sg.SVI.run stops at the first "
-                            "non-finite step and keeps the last good state)")
+                            f"({describe_bad(bad)}); training diverged? (sg.SVI.run stops at "
+                            "the first non-finite step and keeps the last good state)")
 
 
 class condition(Messenger):
@@ -457,12 +455,6 @@ class replay(Messenger):
         recorded = self.trace[msg["name"]]
         if msg["type"] == "plate":
             if recorded["type"] == "plate":
-                if recorded["args"][0] != msg["args"][0]:
-                    raise SiteError(
-                        msg["name"], f"is a plate of size {recorded['args'][0]} in the replayed "
-                        f"trace (the guide) but of size {msg['args'][0]} here (the model); one "
-                        "plate name must always have the same size",
-                    )
                 msg["value"] = recorded["value"]
             return
         if msg["is_observed"] or recorded["type"] != "sample" or recorded["is_observed"]:

@@ -313,16 +313,18 @@ def _param_messages(rng_key: Any, model: Callable, guide: Callable | None, param
     traces (guide first)."""
     key_guide, key_model = jax.random.split(handlers.as_prng_key(rng_key))
 
-    def prepare(fn, key):
+    plate_sizes: dict[str, tuple] = {}  # one plate name, one size, in the guide and the model
+
+    def prepare(fn, key, role):
         if params is not None:
             fn = handlers.substitute_unconstrained(fn, params)
-        return handlers.seed(fn, key)
+        return handlers.seed(handlers.same_plate_sizes(fn, plate_sizes, role), key)
 
     sites: dict[str, Any] = {}
     traces = []
-    model_fn = prepare(model, key_model)
+    model_fn = prepare(model, key_model, "model")
     if guide is not None:
-        guide_tr = handlers.trace(prepare(guide, key_guide)).get_trace(*args, **kwargs)
+        guide_tr = handlers.trace(prepare(guide, key_guide, "guide")).get_trace(*args, **kwargs)
         sites.update(_param_sites(guide_tr))
         traces.append(guide_tr)
         model_fn = handlers.replay(model_fn, guide_tr)

@@ -222,7 +222,13 @@ def _concrete(x: Any) -> np.ndarray | None:
         return None
 
 
-def _first_bad(bad: np.ndarray) -> str:
+def describe_bad(bad: np.ndarray) -> str:
+    """How many elements of a boolean array are set, and the index of the first (for errors).
+
+    Example:
+        >>> describe_bad(np.array([False, True, True]))
+        '2 of 3 elements, the first at index (1,)'
+    """
     index = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
     return f"{int(bad.sum())} of {bad.size} elements, the first at index {index}"
 
@@ -279,7 +285,7 @@ def _check_observed_value(msg: Message) -> None:
             bad = bad & keep
         if bad.any():
             raise SiteError(
-                name, f"has non-finite {what} values (NaN or inf): {_first_bad(bad)}. Remove "
+                name, f"has non-finite {what} values (NaN or inf): {describe_bad(bad)}. Remove "
                 "or impute them, or mask them out with sg.handlers.mask",
             )
     if integral and np.issubdtype(value.dtype, np.floating):
@@ -288,7 +294,7 @@ def _check_observed_value(msg: Message) -> None:
             fractional = fractional & keep
         if fractional.any():
             raise SiteError(
-                name, f"has {what} values that are not whole numbers ({_first_bad(fractional)}),"
+                name, f"has {what} values that are not whole numbers ({describe_bad(fractional)}),"
                 f" but {type(fn).__name__} takes integer values",
             )
         value = value.astype(np.int32)
@@ -309,7 +315,7 @@ def _check_observed_value(msg: Message) -> None:
     if bad.any():
         raise SiteError(
             name, f"has {what} values outside the support {support} of its "
-            f"{type(fn).__name__} distribution: {_first_bad(np.atleast_1d(bad))}",
+            f"{type(fn).__name__} distribution: {describe_bad(bad)} of its batch shape",
         )
 
 

@@ -19,6 +19,7 @@ from scgjax.errors import NonFiniteError, SiteError
 from scgjax.objectives import Objective, program
 from scgjax.objectives.program import SINGLE, site_log_prob
 from scgjax.params import (
+    _first_nonfinite,
     _param_messages,
     cached_build,
     constrain_params,
@@ -426,11 +427,9 @@ def _first_nonfinite_argument(args: tuple, kwargs: dict) -> tuple[str, str] | No
         elif not isinstance(leaf, float):
             continue
         a = np.asarray(leaf)
-        finite = np.isfinite(a)
-        if finite.all():
+        if np.isfinite(a).all():
             continue
-        index = tuple(int(i) for i in np.argwhere(~finite)[0])
-        text = f"{a[index].item()}" + (f" at index {index}" if index else "")
+        text = _first_nonfinite(a)
         first, rest = path[1], path[2:]
         label = (f"positional argument {first.idx}" if path[0].idx == 0
                  else f"keyword argument {first.key!r}")

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scgjax import handlers
-from scgjax.objectives import program
+from scgjax import handlers, tracegraph
 from scgjax.objectives.base import Objective
 from scgjax.objectives.surrogate import dice_surrogate
 from scgjax.params import cached_build, split_static
@@ -368,7 +367,7 @@ def _split_programs(objective: Objective, programs_and_args: tuple, what: str
                         f"the class {objective.__name__}")
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be an scgjax objective, got {objective!r}")
-    n_programs = 1 if objective.kind == program.SINGLE else 2
+    n_programs = 1 if objective.kind == tracegraph.SINGLE else 2
     programs = tuple(programs_and_args[:n_programs])
     if len(programs) != n_programs or not all(callable(f) for f in programs):
         names = "fn" if n_programs == 1 else "model, guide"
@@ -510,8 +509,8 @@ def explain_nonfinite(objective: Objective, params: dict, rng_key: Any,
         q += _tree_findings("param", name, value)
     for name, value in (estimator_state or {}).items():
         q += _tree_findings("estimator state", name, value)
-    role = program.sampling_role(structure.kind)
-    if structure.kind == program.SINGLE:  # the program's own sampled sites first
+    role = tracegraph.sampling_role(structure.kind)
+    if structure.kind == tracegraph.SINGLE:  # the program's own sampled sites first
         for name, logq in values["logq"].items():
             q += _array_findings("log-density", name, role, logq, order)
     costs = sorted(structure.costs, key=lambda c: c[1] != "guide")  # the guide's first

@@ -32,7 +32,7 @@ import numpy as np
 from numpyro.distributions import biject_to, constraints
 
 from scgjax.errors import ScgjaxError, SiteError
-from scgjax.primitives import Message, Messenger, describe_bad
+from scgjax.primitives import Message, Messenger, check_estimator, describe_bad
 
 __all__ = [
     "Messenger",
@@ -46,6 +46,8 @@ __all__ = [
     "substitute",
     "substitute_unconstrained",
     "trace",
+    "trace_program",
+    "trace_guided",
     "as_prng_key",
 ]
 
@@ -718,7 +720,6 @@ class assign_estimators(Messenger):
         super().__init__(fn)
         _check_names_dict("assign_estimators", "estimators", estimators or {})
         self.estimators = dict(estimators or {})
-        from scgjax.estimators.base import check_estimator  # estimators sit above handlers
 
         for name, estimator in self.estimators.items():
             check_estimator(name, estimator)  # None: the objective's default estimator
@@ -739,3 +740,48 @@ class assign_estimators(Messenger):
                 and msg["name"] in self.estimators):
             msg["estimator"] = self.estimators[msg["name"]]
             self._seen.add(msg["name"])
+
+
+def trace_program(fn: Callable, rng_key: Any, params: Mapping | None, *args, **kwargs
+                  ) -> Trace:
+    """The trace of ``fn(*args, **kwargs)`` run at ``params`` (unconstrained values, as
+    ``sg.init_params`` and ``SVI.get_params``'s input hold them; ``None``: each param's
+    initial value), its sample sites seeded from ``rng_key``.
+
+    The one way to run a program at given params (NumPyro's ``Predictive`` with one sample
+    plays this role): ``seed(substitute_unconstrained(fn, params), rng_key)`` under ``trace``.
+
+    Example:
+        >>> import jax.numpy as jnp, scgjax as sg
+        >>> from scgjax import dist
+        >>> def model():
+        ...     s = sg.param("s", 2.0, constraint=dist.constraints.positive)
+        ...     sg.sample("x", dist.Normal(0.0, s))
+        >>> tr = sg.handlers.trace_program(model, 0, {"s": jnp.log(3.0)})
+        >>> float(tr["s"]["value"]), tr["x"]["value"].shape
+        (3.0, ())
+    """
+    if params is not None:
+        fn = substitute_unconstrained(fn, params)
+    return trace(seed(fn, as_prng_key(rng_key))).get_trace(*args, **kwargs)
+
+
+def trace_guided(model: Callable, guide: Callable, rng_key: Any, params: Mapping | None,
+                 *args, **kwargs) -> tuple[Trace, Trace]:
+    """``(model_trace, guide_trace)``: the guide run at ``params``, then the model replayed
+    at the guide's latent values (NumPyro's ``get_importance_trace``; no log-densities are
+    added: ``sg.graph.site_cost`` computes them).
+
+    Example:
+        >>> import scgjax as sg
+        >>> from scgjax import dist
+        >>> model = lambda: sg.sample("z", dist.Normal(0.0, 1.0))
+        >>> guide = lambda: sg.sample("z", dist.Normal(1.0, 0.1))
+        >>> model_tr, guide_tr = sg.handlers.trace_guided(model, guide, 0, None)
+        >>> bool(model_tr["z"]["value"] == guide_tr["z"]["value"])
+        True
+    """
+    key_guide, key_model = jax.random.split(as_prng_key(rng_key))
+    guide_tr = trace_program(guide, key_guide, params, *args, **kwargs)
+    model_tr = trace_program(replay(model, guide_tr), key_model, params, *args, **kwargs)
+    return model_tr, guide_tr

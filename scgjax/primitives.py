@@ -137,6 +137,45 @@ def _check_trace_level(msg: Message) -> None:
         )
 
 
+def check_estimator(name: str, estimator: Any) -> None:
+    """Raise a :class:`SiteError` naming the site unless ``estimator`` is ``None`` or an
+    estimator *instance* (a class, a string, a baseline are common slips).
+
+    The effect layer knows estimators only by their protocol: an object with ``sample`` and
+    ``surrogate_term`` methods (``sg.Estimator`` and its subclasses).
+
+    Example:
+        >>> import scgjax as sg
+        >>> check_estimator("z", sg.RLOO())
+        >>> check_estimator("z", sg.RLOO)
+        Traceback (most recent call last):
+        ...
+        scgjax.errors.SiteError: site 'z' was given the class RLOO ...; did you mean sg.RLOO()?
+    """
+    if estimator is None or (not isinstance(estimator, type) and _is_estimator(estimator)):
+        return
+    if isinstance(estimator, type):
+        hint = (f"did you mean sg.{estimator.__name__}()?" if _is_estimator(estimator)
+                else "pass an estimator instance such as sg.RLOO() or sg.ScoreFunction()")
+        raise SiteError(name, f"was given the class {estimator.__name__} as its estimator; "
+                        f"{hint}")
+    if hasattr(estimator, "init_state") and (hasattr(estimator, "baseline_for")
+                                            or callable(estimator)):
+        raise SiteError(name, f"was given the baseline {estimator!r} as its estimator; a "
+                        "baseline goes inside a score-function estimator: "
+                        "estimator=sg.ScoreFunction(baseline=...)")
+    raise SiteError(name, f"needs an scgjax estimator (an instance of sg.Estimator such as "
+                    f"sg.Pathwise(), sg.ScoreFunction() or sg.RLOO()), got "
+                    f"{type(estimator).__name__} {estimator!r}")
+
+
+
+
+def _is_estimator(obj: Any) -> bool:
+    return callable(getattr(obj, "sample", None)) and callable(getattr(obj, "surrogate_term",
+                                                                       None))
+
+
 def _default_sample(msg: Message):
     key = msg["kwargs"].get("rng_key")
     if key is None:
@@ -145,9 +184,6 @@ def _default_sample(msg: Message):
             "needs a PRNG key to draw a value: run the program under "
             "sg.handlers.seed(fn, rng_key), or inside an objective / sg.SVI",
         )
-    estimator = msg.get("estimator")
-    if estimator is not None and msg.get("estimator_active"):
-        return estimator.sample(key, msg["fn"])
     return msg["fn"](rng_key=key)
 
 
@@ -413,10 +449,7 @@ def sample(
     _check_name("sample", name)
     if not isinstance(fn, Distribution):
         raise _not_a_distribution(name, fn)
-    if estimator is not None:
-        from scgjax.estimators.base import check_estimator  # estimators sit above primitives
-
-        check_estimator(name, estimator)
+    check_estimator(name, estimator)
     fn = _dist.fix_known_bugs(fn)
     msg = new_message("sample", name, fn=fn, kwargs={"rng_key": None}, value=obs,
                       is_observed=obs is not None, estimator=estimator)

@@ -37,10 +37,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from scgjax.errors import SiteError
+from scgjax.layout import SiteLayout
 from scgjax.primitives import Message
 
-__all__ = ["Plate", "StochasticNode", "CostNode", "SCG", "canonical_plate_shape",
-           "from_canonical", "to_canonical"]
+__all__ = ["Plate", "StochasticNode", "CostNode", "SCG", "node_from_message"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,11 @@ class StochasticNode:
     @property
     def value_shape(self) -> tuple[int, ...]:
         return self.batch_shape + self.event_shape
+
+    def layout(self, plate_order: tuple[str, ...]) -> SiteLayout:
+        """The node's :class:`~scgjax.layout.SiteLayout` in a program with ``plate_order``."""
+        return SiteLayout(self.batch_shape, len(self.event_shape),
+                          dict(zip(self.plates, self.plate_dims, strict=True)), plate_order)
 
     @property
     def score(self) -> bool:
@@ -129,21 +134,32 @@ class SCG:
         """Stochastic nodes reachable from node ``name`` through distributions."""
         return self._descendants[name]
 
+    @functools.cached_property
+    def _credited(self) -> dict[str, tuple[str, ...]]:
+        out = {}
+        for name in self.nodes:
+            reach = self.descendants(name) | {name}
+            out[name] = tuple(c for c, ins in self.cost_inputs.items() if ins & reach)
+        return out
+
+    @functools.cached_property
+    def _upstream(self) -> dict[str, tuple[str, ...]]:
+        return {c: tuple(n for n in self.nodes if c in self._credited[n])
+                for c in self.cost_inputs}
+
     def credited_costs(self, name: str) -> tuple[str, ...]:
         """The costs downstream of node ``name`` (what its score is multiplied by)."""
         if name not in self.nodes:
             raise SiteError(name, "is not a stochastic node of this graph (its nodes are "
                             f"{sorted(self.nodes)}); the costs are {sorted(self.cost_inputs)}")
-        reach = self.descendants(name) | {name}
-        return tuple(c for c, ins in self.cost_inputs.items() if ins & reach)
+        return self._credited[name]
 
     def upstream(self, cost_id: str) -> tuple[str, ...]:
         """The stochastic nodes that cost ``cost_id`` is downstream of."""
         if cost_id not in self.cost_inputs:
             raise SiteError(cost_id, "is not a cost of this graph (its costs are "
                             f"{sorted(self.cost_inputs)})")
-        inputs = self.cost_inputs[cost_id]
-        return tuple(n for n in self.nodes if inputs & (self.descendants(n) | {n}))
+        return self._upstream[cost_id]
 
     def shared_plates(self, name: str, cost_id: str) -> tuple[str, ...]:
         """The plates along which node ``name`` is credited with cost ``cost_id`` element by
@@ -155,6 +171,21 @@ class SCG:
             if v in inputs or self.descendants(v) & inputs:
                 keep &= set(self.nodes[v].plates)
         return tuple(p for p in self.plates if p in keep)
+
+    @functools.cached_property
+    def credit(self) -> dict[str, tuple[tuple[str, tuple[bool, ...]], ...]]:
+        """The credit table, computed once per graph: for each node, ``(cost id, keep)`` for
+        every cost it is credited with, ``keep`` the canonical plate axes along which the
+        credit is per element (the other axes of the cost are summed)."""
+        return {w: tuple((c, self.plate_mask(self.shared_plates(w, c)))
+                         for c in self._credited[w]) for w in self.nodes}
+
+    @functools.cached_property
+    def boxes(self) -> dict[str, tuple[tuple[str, tuple[bool, ...]], ...]]:
+        """For each cost, the score nodes upstream of it with their ``keep`` masks: the DiCE
+        box of the cost is ``box(sum_w reduce_to(log q(w), keep))``."""
+        return {c: tuple((w, dict(self.credit[w])[c]) for w in self._upstream[c]
+                         if self.nodes[w].score) for c in self.cost_inputs}
 
     def plate_mask(self, plates: tuple[str, ...]) -> tuple[bool, ...]:
         """Which canonical plate axes a site in ``plates`` occupies."""
@@ -256,51 +287,3 @@ def _describe(fn: Any) -> str:
     while hasattr(inner, "base_dist"):
         inner = inner.base_dist
     return type(inner).__name__ + (".to_event" if fn.event_shape else "")
-
-
-def canonical_plate_shape(scg_plates: Mapping[str, Plate], plates: tuple[str, ...]) -> tuple:
-    """The shape of a per-element array of a site in ``plates``: one axis per program plate."""
-    return tuple(p.size if name in plates else 1 for name, p in scg_plates.items())
-
-
-def to_canonical(log_prob: Any, msg: Message, plate_order: tuple[str, ...]) -> Any:
-    """Reduce a site's per-element array to the canonical layout.
-
-    Batch dimensions that belong to a plate are kept, one axis per plate of the program in
-    ``plate_order`` (size 1 for plates the site is not in); all other batch dimensions are
-    summed (a block). The result has ``len(plate_order)`` dimensions.
-    """
-    fn = msg["fn"]
-    batch = tuple(fn.batch_shape)
-    log_prob = jnp.broadcast_to(log_prob, batch)
-    axis_of = {f.name: len(batch) + f.dim for f in msg["cond_indep_stack"]}
-    other = tuple(a for a in range(len(batch)) if a not in axis_of.values())
-    if other:
-        log_prob = log_prob.sum(axis=other)
-    kept = sorted(axis_of, key=axis_of.get)  # remaining axes, in their current order
-    order = [kept.index(p) for p in plate_order if p in axis_of]
-    log_prob = jnp.transpose(log_prob, order) if order else log_prob
-    shape = []
-    sizes = iter(log_prob.shape)
-    for p in plate_order:
-        shape.append(next(sizes) if p in axis_of else 1)
-    return jnp.reshape(log_prob, tuple(shape))
-
-
-def from_canonical(x: Any, node: StochasticNode, plate_order: tuple[str, ...],
-                   event: bool = True) -> Any:
-    """Undo :func:`to_canonical` for per-particle arrays: ``(K, *plates)`` to an array that
-    broadcasts against the node's values ``(K, *batch_shape, *event_shape)`` (size 1 along
-    the dims that were summed, and along the event dims when ``event``)."""
-    k = x.shape[0]
-    mine = [p for p in plate_order if p in node.plates]
-    x = x.reshape((k, *(x.shape[1 + i] for i, p in enumerate(plate_order) if p in node.plates)))
-    dim_of = dict(zip(node.plates, node.plate_dims, strict=True))
-    order = sorted(mine, key=dim_of.get)  # plates in the order of their batch dims
-    x = jnp.transpose(x, (0, *(1 + mine.index(p) for p in order)))
-    shape = [1] * len(node.batch_shape)
-    sizes = dict(zip(order, x.shape[1:], strict=True))
-    for p in order:
-        shape[len(node.batch_shape) + dim_of[p]] = sizes[p]
-    shape = (k, *shape, *((1,) * len(node.event_shape) if event else ()))
-    return x.reshape(shape)

@@ -265,7 +265,7 @@ def joint_exact_bound(params, x, k=3):
 
 
 def test_global_latent_gives_one_joint_bound():
-    from scgjax.objectives.iwae import bound_plates
+    from scgjax.objectives.bounds import bound_plates
 
     x = D_X
     params = sg.init_params(0, joint_model, joint_guide, x)

@@ -17,12 +17,17 @@ Adding an estimator is one new module that subclasses :class:`Estimator`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from scgjax.errors import SiteError
+from scgjax.primitives import check_estimator
+
+__all__ = ["Estimator", "ScoreContext", "check_estimator", "magic_box", "require_particles",
+           "zero_value"]
 
 PARTICLE_AXIS = "particle"
 
@@ -37,13 +42,18 @@ def magic_box(x: jax.Array) -> jax.Array:
     return jnp.exp(x - jax.lax.stop_gradient(x))
 
 
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoreContext:
     """What a site's estimator sees when it builds its surrogate term.
 
     Arrays carry a leading particle axis ``K``. Per-element arrays (``log_prob``,
     ``learning_signal``) have one axis per plate of the program (the canonical layout);
-    ``to_value_layout`` maps them to the layout of the site's values.
+    ``to_value_layout`` maps them to the layout of the site's values and
+    ``from_value_layout`` back (:class:`scgjax.layout.SiteLayout`).
 
     Attributes:
         name: the site's name.
@@ -57,7 +67,9 @@ class ScoreContext:
         signal_grad: ``dQ_w / dw`` at the sampled values, same shape as ``value`` (the cost as
             a function of a real-valued ``w``), when the estimator sets ``needs_signal_grad``.
         params: this estimator's trainable parameters (see :meth:`Estimator.init_params`).
-        to_value_layout: maps a ``(K, *plates)`` array to one that broadcasts against ``value``.
+        to_value_layout: maps a ``(K, *plates)`` array to one that broadcasts against ``value``
+            (:meth:`scgjax.layout.SiteLayout.to_value`; the identity by default).
+        from_value_layout: its inverse (:meth:`scgjax.layout.SiteLayout.from_value`).
     """
 
     name: str
@@ -69,23 +81,49 @@ class ScoreContext:
     collected: Any = None
     signal_grad: jax.Array | None = None
     params: Any = None
-    to_value_layout: Any = None
+    to_value_layout: Callable[[jax.Array], jax.Array] = _identity
+    from_value_layout: Callable[[jax.Array], jax.Array] = _identity
 
 
 class Estimator:
     """Base class of gradient estimators, chosen per site (``sg.sample(..., estimator=...)``).
 
-    Class attributes:
+    Capabilities (class attributes that objectives read; they never test an estimator's
+    class, so a new estimator is one module that sets these):
+
         reparameterised: the sampled value carries a pathwise gradient.
         score: the site's log-density enters the DiCE box of its downstream costs.
         uses_signal: :meth:`surrogate_term` is called for the site (default: ``score``).
         needs_signal_grad: the context carries ``dQ/dw`` at the sample (for Taylor control
             variates).
+        enumerates: the site is summed over its support instead of sampled (every element set
+            to each support value in turn, weighted by its probability).
+        bound_signal: how the site's score is weighted under a multi-sample bound
+            (``sg.IWAE``), whose learning signal is the bound itself, shared by the particles:
+            ``"plain"`` (no baseline), ``"leave_one_out"`` (VIMCO's per-particle baselines
+            from the bound's log-weights), or ``None``: not supported, and
+            :meth:`bound_refusal` says why. Reparameterised sites without a signal need none.
+        importance_weighted: the site is sampled without any gradient path (its value and its
+            score both detached), so objectives that train the guide by importance weights
+            alone (``sg.RWS``, ``sg.WakeSleep``) may use it.
+        couples_particles: :meth:`sample` uses the particle axis (a collective over
+            ``"particle"``), so the particles cannot run in separate blocks.
     """
 
     reparameterised: bool = False
     score: bool = True
     needs_signal_grad: bool = False
+    enumerates: bool = False
+    bound_signal: str | None = None
+    importance_weighted: bool = False
+    couples_particles: bool = False
+
+    def bound_refusal(self) -> str:
+        """Why this estimator cannot serve a multi-sample bound (when ``bound_signal`` is
+        ``None``), and what to use instead."""
+        return (f"uses {type(self).__name__}, which a multi-sample bound does not support (its "
+                "signal is defined per particle); use VIMCO(), ScoreFunction() without a "
+                "baseline, or Pathwise()")
 
     @property
     def uses_signal(self) -> bool:
@@ -143,35 +181,6 @@ def zero_value(x: jax.Array) -> jax.Array:
     """``x - stop_grad(x)``: value 0, gradient that of ``x`` (for training terms that must not
     change the loss value)."""
     return x - jax.lax.stop_gradient(x)
-
-
-def check_estimator(name: str, estimator: Any) -> None:
-    """Raise a :class:`SiteError` naming the site unless ``estimator`` is ``None`` or an
-    :class:`Estimator` *instance* (a class, a string, a baseline are common slips).
-
-    Example:
-        >>> from scgjax.estimators.rloo import RLOO
-        >>> check_estimator("z", RLOO())
-        >>> check_estimator("z", RLOO)
-        Traceback (most recent call last):
-        ...
-        scgjax.errors.SiteError: site 'z' was given the class RLOO ...; did you mean sg.RLOO()?
-    """
-    if estimator is None or isinstance(estimator, Estimator):
-        return
-    if isinstance(estimator, type):
-        hint = (f"did you mean sg.{estimator.__name__}()?" if issubclass(estimator, Estimator)
-                else "pass an estimator instance such as sg.RLOO() or sg.ScoreFunction()")
-        raise SiteError(name, f"was given the class {estimator.__name__} as its estimator; "
-                        f"{hint}")
-    if hasattr(estimator, "init_state") and (hasattr(estimator, "baseline_for")
-                                            or callable(estimator)):
-        raise SiteError(name, f"was given the baseline {estimator!r} as its estimator; a "
-                        "baseline goes inside a score-function estimator: "
-                        "estimator=sg.ScoreFunction(baseline=...)")
-    raise SiteError(name, f"needs an scgjax estimator (an instance of sg.Estimator such as "
-                    f"sg.Pathwise(), sg.ScoreFunction() or sg.RLOO()), got "
-                    f"{type(estimator).__name__} {estimator!r}")
 
 
 def require_particles(estimator: Estimator, name: str, num_particles: int, minimum: int) -> None:

@@ -23,3 +23,4 @@ class Detached(Estimator):
     """
 
     score = False
+    importance_weighted = True

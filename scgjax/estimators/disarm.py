@@ -76,6 +76,7 @@ class _Antithetic(Estimator):
     """What ARM and DisARM share: validation, coupled sampling, the collected logits."""
 
     score = False
+    couples_particles = True
     _needs_uniform = False  # ARM: collect each particle's uniform
     _couples_logits = True  # DisARM: valid only where the pair shares its logits
 

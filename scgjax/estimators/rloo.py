@@ -27,6 +27,11 @@ class RLOO(Estimator):
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
         require_particles(self, name, num_particles, 2)
 
+    def bound_refusal(self) -> str:
+        return ("uses RLOO, whose baseline under IWAE would be the bound itself (every "
+                "particle shares the bound as its signal): use VIMCO(), the leave-one-out "
+                "baseline of the multi-sample bound")
+
     def baseline_for(self, ctx: ScoreContext) -> tuple[jax.Array, Any]:
         q = ctx.learning_signal
         k = ctx.num_particles

@@ -77,6 +77,7 @@ class VIMCO(Estimator):
     """
 
     score = True
+    bound_signal = "leave_one_out"
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
         require_particles(self, name, num_particles, 2)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scgjax import handlers
 from scgjax.errors import SiteError
@@ -13,6 +15,7 @@ from scgjax.estimators import default_estimator
 from scgjax.estimators.base import PARTICLE_AXIS
 from scgjax.objectives import enumeration, program
 from scgjax.objectives.surrogate import dice_surrogate
+from scgjax.scg import SCG
 
 
 class Evaluation(NamedTuple):
@@ -37,6 +40,12 @@ class Objective:
     the surrogate: its value is minus the objective estimate and ``jax.grad`` of it is the
     gradient estimate. ``loss_with_state`` also threads the estimators' state (moving-average
     baselines, ...) and returns metrics.
+
+    ``particle_chunk=B`` runs the ``K`` particles in blocks of ``B`` (``jax.lax.map`` over
+    blocks, a ``vmap`` inside each), so that only ``B`` particles' intermediates are live at
+    once: the same numbers (the particle keys do not change), less memory for large ``K``, a
+    sequential loop over ``K / B`` blocks. ``B`` must divide ``K``; estimators that couple the
+    particles inside the ``vmap`` (DisARM's antithetic pairs) refuse it.
     """
 
     kind: str = program.GUIDED
@@ -44,12 +53,14 @@ class Objective:
     #: (for diagnostics; off in training, where metrics are kept for every step)
     record_signals: bool = False
 
-    def __init__(self, num_particles: int = 1):
+    def __init__(self, num_particles: int = 1, particle_chunk: int | None = None):
         # an int >= 1 (numpy ints too, stored as a Python int; not a bool or a float)
         self.num_particles = program.check_num_particles(num_particles)
+        self.particle_chunk = _check_chunk(particle_chunk, self.num_particles)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_particles={self.num_particles})"
+        chunk = "" if self.particle_chunk is None else f", particle_chunk={self.particle_chunk}"
+        return f"{type(self).__name__}(num_particles={self.num_particles}{chunk})"
 
     def default_estimator(self, fn: Any, num_particles: int) -> Any:
         """The estimator of a sampled site that names none (DESIGN §3 defaults)."""
@@ -101,64 +112,103 @@ class Objective:
         and return their per-element arrays (see :class:`Evaluation`)."""
         structure = self.structure(rng_key, params, *fns_and_args, **kwargs)
         n = 1 if self.kind == program.SINGLE else 2
-        programs, args = fns_and_args[:n], fns_and_args[n:]
-        key = handlers.as_prng_key(rng_key)
+        particles = self._particles(structure, handlers.as_prng_key(rng_key), params,
+                                    fns_and_args[:n], fns_and_args[n:], kwargs)
+        probed = _probed_nodes(structure.scg)
+        if not probed:
+            return Evaluation(structure, *particles({}), {})
+        nodes = structure.scg.nodes
+        zeros = {n: jnp.zeros((self.num_particles, *nodes[n].value_shape), nodes[n].value_dtype)
+                 for n in probed}
+        (logq, costs, extras), pullback = jax.vjp(particles, zeros)
+        signal_grads = {}
+        for n in probed:  # d(costs credited to n)/d(value of n), in every particle
+            credited = set(structure.scg.credited_costs(n))
+            cotangent = (jax.tree.map(jnp.zeros_like, logq),
+                         {c: jnp.ones_like(v) if c in credited else jnp.zeros_like(v)
+                          for c, v in costs.items()},
+                         jax.tree.map(jnp.zeros_like, extras))
+            signal_grads[n] = jax.lax.stop_gradient(pullback(cotangent)[0][n])
+        return Evaluation(structure, logq, costs, extras, signal_grads)
 
-        keys = key[None] if self.num_particles == 1 else jax.random.split(
-            key, self.num_particles)
-        scg = structure.scg
-        probed = [n for n, node in scg.nodes.items() if node.estimator.needs_signal_grad]
-        for n in probed:
-            if not jnp.issubdtype(scg.nodes[n].value_dtype, jnp.floating):
-                raise SiteError(
-                    n, f"uses {type(scg.nodes[n].estimator).__name__}, which differentiates the "
-                    f"costs with respect to the value, but the value is "
-                    f"{scg.nodes[n].value_dtype}; the estimator must sample floats",
-                )
-
+    def _particles(self, structure: program.Structure, key: jax.Array, params: dict,
+                   programs: tuple, args: tuple, kwargs: dict) -> Callable:
+        """``particles(probes) -> (logq, costs, extras)`` of the ``K`` particles, each
+        ``(K, ...)``: one ``vmap`` over particles (none at ``K = 1``, where the particle runs
+        directly: the same numbers, a smaller program), and inside it one over the joint
+        configurations of the enumerated sites, which are then summed out."""
+        k = self.num_particles
         enumerated = enumeration.enumerated_nodes(structure)
         enumeration.check(structure, enumerated)
         sizes = enumeration.support_sizes(structure, enumerated)
 
+        def one_config(particle_key, particle_probes, config):
+            index = dict(zip(enumerated, enumeration.config_indices(config, sizes), strict=True))
+            traces = program.run(self.kind, particle_key, params, programs, args, kwargs, k,
+                                 probes=particle_probes, enum_index=index,
+                                 default=self.default_estimator)
+            return program.particle_arrays(structure, traces)
+
+        def one_particle(particle_key, particle_probes):
+            if not enumerated:
+                return one_config(particle_key, particle_probes, None)
+            configs = jnp.arange(enumeration.num_configs(sizes))
+            return jax.vmap(one_config, in_axes=(None, None, 0))(particle_key, particle_probes,
+                                                                  configs)
+
+        chunk = self.particle_chunk
+        if chunk is not None and chunk < k:
+            _check_chunkable(structure.scg, chunk)
+
         def particles(probes):
-            def one_config(particle_key, particle_probes, config):
-                index = dict(zip(enumerated, enumeration.config_indices(config, sizes),
-                                 strict=True))
-                traces = program.run(self.kind, particle_key, params, programs, args, kwargs,
-                                     self.num_particles, probes=particle_probes,
-                                     enum_index=index, default=self.default_estimator)
-                return program.particle_arrays(structure, traces)
-
-            def one_particle(particle_key, particle_probes):
-                if not enumerated:
-                    return one_config(particle_key, particle_probes, None)
-                configs = jnp.arange(enumeration.num_configs(sizes))
-                return jax.vmap(one_config, in_axes=(None, None, 0))(
-                    particle_key, particle_probes, configs)
-
-            arrays = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys, probes)
+            if k == 1:
+                first = jax.tree.map(lambda x: x[0], probes)
+                arrays = jax.tree.map(lambda x: x[None], one_particle(key, first))
+            elif chunk is not None and chunk < k:
+                arrays = jax.lax.map(lambda kp: one_particle(*kp),
+                                     (jax.random.split(key, k), probes), batch_size=chunk)
+            else:
+                keys = jax.random.split(key, k)
+                arrays = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys, probes)
             if not enumerated:
                 return arrays
             logq, costs, extras = arrays
-            enum_logq = {e: logq[e] for e in enumerated}
-            return enumeration.collapse(structure, enumerated, enum_logq, logq, costs, extras)
+            return enumeration.collapse(structure, enumerated, {e: logq[e] for e in enumerated},
+                                        logq, costs, extras)
 
-        signal_grads: dict = {}
-        if probed:
-            zeros = {n: jnp.zeros((self.num_particles, *scg.nodes[n].value_shape),
-                                  scg.nodes[n].value_dtype) for n in probed}
-            (logq, costs, extras), pullback = jax.vjp(particles, zeros)
-            for n in probed:  # d(costs credited to n)/d(value of n), in every particle
-                credited = set(scg.credited_costs(n))
-                cotangent = (jax.tree.map(jnp.zeros_like, logq),
-                             {c: jnp.ones_like(v) if c in credited else jnp.zeros_like(v)
-                              for c, v in costs.items()},
-                             jax.tree.map(jnp.zeros_like, extras))
-                signal_grads[n] = jax.lax.stop_gradient(pullback(cotangent)[0][n])
-        else:
-            logq, costs, extras = particles({})
-        return Evaluation(structure, logq, costs, extras, signal_grads)
+        return particles
 
     def loss(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> jax.Array:
         """Minus the surrogate objective (see the class docstring)."""
         return self.loss_with_state(rng_key, params, None, *fns_and_args, **kwargs)[0]
+
+
+def _probed_nodes(scg: SCG) -> list[str]:
+    """The nodes whose estimator asks for ``dQ/dw``; their values must be floats."""
+    probed = [n for n, node in scg.nodes.items() if node.estimator.needs_signal_grad]
+    for n in probed:
+        if not jnp.issubdtype(scg.nodes[n].value_dtype, jnp.floating):
+            raise SiteError(
+                n, f"uses {type(scg.nodes[n].estimator).__name__}, which differentiates the "
+                f"costs with respect to the value, but the value is "
+                f"{scg.nodes[n].value_dtype}; the estimator must sample floats",
+            )
+    return probed
+
+
+def _check_chunk(chunk: Any, num_particles: int) -> int | None:
+    if chunk is None:
+        return None
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise TypeError(f"particle_chunk must be None or an int >= 1, got {chunk!r}")
+    if num_particles % int(chunk):
+        raise ValueError(f"particle_chunk={chunk} must divide num_particles={num_particles}")
+    return int(chunk)
+
+
+def _check_chunkable(scg: SCG, chunk: int) -> None:
+    for name, node in scg.nodes.items():
+        if node.estimator.couples_particles:
+            raise SiteError(name, f"uses {type(node.estimator).__name__}, which couples the "
+                            "particles inside their vmap; it cannot run in blocks of "
+                            f"particle_chunk={chunk}: use particle_chunk=None")

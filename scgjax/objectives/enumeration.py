@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 
 from scgjax.errors import SiteError
-from scgjax.objectives.program import Structure
+from scgjax.tracegraph import Structure
 
 
 def enumerated_nodes(structure: Structure) -> tuple[str, ...]:
     """The stochastic nodes whose estimator enumerates, in program order."""
     return tuple(n for n, node in structure.scg.nodes.items()
-                 if getattr(node.estimator, "enumerates", False))
+                 if node.estimator.enumerates)
 
 
 def check(structure: Structure, enumerated: tuple[str, ...]) -> None:

@@ -8,7 +8,6 @@ leave-one-out baselines (Mnih & Rezende, ICML 2016; :class:`scgjax.estimators.vi
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -17,82 +16,26 @@ import jax.numpy as jnp
 from scgjax.errors import SiteError
 from scgjax.estimators.base import magic_box
 from scgjax.estimators.pathwise import Pathwise
-from scgjax.estimators.rloo import RLOO
 from scgjax.estimators.score_function import ScoreFunction
 from scgjax.estimators.vimco import VIMCO, vimco_baselines
+from scgjax.layout import reduce_to
 from scgjax.objectives import program
 from scgjax.objectives.base import Evaluation, Objective
-from scgjax.objectives.surrogate import reduce_to
+from scgjax.objectives.bounds import bound_layout, importance_log_weights
 from scgjax.scg import SCG
-
-
-def bound_plates(scg: SCG) -> tuple[str, ...]:
-    """The plates along which the bound factorises: those of every stochastic node and of
-    every cost that depends on one (canonical order). The log-weights are kept per element of
-    these plates and the bound is the sum over elements of per-element ``K``-sample bounds."""
-    keep = set(scg.plates)
-    for node in scg.nodes.values():
-        keep &= set(node.plates)
-    for cid, cost in scg.costs.items():
-        if scg.upstream(cid):
-            keep &= set(cost.plates)
-    return tuple(p for p in scg.plates if p in keep)
-
-
-def bound_layout(scg: SCG) -> tuple[tuple[bool, ...], float]:
-    """The canonical-axis mask of :func:`bound_plates` and the product of their sub-sampling
-    ratios ``N / B`` (applied outside the logsumexp)."""
-    shared = bound_plates(scg)
-    ratio = math.prod(scg.plates[p].full_size / scg.plates[p].size for p in shared)
-    return scg.plate_mask(shared), ratio
-
-
-def importance_log_weights(evaluation: Evaluation
-                           ) -> tuple[jax.Array, jax.Array, jax.Array, float]:
-    """``(log_w, per_element, bound, ratio)`` of the particles in ``evaluation``.
-
-    ``log_w`` (``(K, *plates)``, size 1 off the bound's plates) sums the costs that depend on
-    a stochastic node, unscaled by sub-sampling; ``per_element`` is
-    ``logsumexp_k log_w - log K``; ``bound = ratio * sum(per_element) + mean_k(constant costs)``.
-    """
-    scg = evaluation.structure.scg
-    k = evaluation.structure.num_particles
-    keep, ratio = bound_layout(scg)
-    shape = (k, *(p.size if kept else 1 for p, kept in zip(scg.plates.values(), keep,
-                                                               strict=True)))
-    log_w = jnp.zeros(shape)
-    constant = jnp.zeros(())
-    for cid, cost in evaluation.costs.items():
-        if scg.upstream(cid):
-            log_w = log_w + reduce_to(cost, keep)
-        else:
-            constant = constant + cost.reshape(k, -1).sum(axis=1).mean()
-    log_w = log_w / ratio
-    per_element = jax.nn.logsumexp(log_w, axis=0) - math.log(k)
-    return log_w, per_element, ratio * per_element.sum() + constant, ratio
 
 
 def _check_estimators(scg: SCG) -> None:
     for name, node in scg.nodes.items():
         est = node.estimator
         kind = type(est).__name__
-        if getattr(est, "enumerates", False):
+        if est.enumerates:
             raise SiteError(name, f"uses {kind}; IWAE does not support enumerated sites (the "
                             "bound's log-weights are per particle): use VIMCO() or Pathwise()")
         if est.reparameterised and not est.uses_signal:
             continue  # pathwise (or a relaxation): the gradient flows through the value
-        if isinstance(est, RLOO):
-            raise SiteError(
-                name, "uses RLOO, whose baseline under IWAE would be the bound itself (every "
-                "particle shares the bound as its signal): use VIMCO(), the leave-one-out "
-                "baseline of the multi-sample bound",
-            )
-        if isinstance(est, VIMCO) or (isinstance(est, ScoreFunction) and est.baseline is None):
-            continue
-        raise SiteError(
-            name, f"uses {kind}, which IWAE does not support (its signal is defined per "
-            "particle); use VIMCO(), ScoreFunction() without a baseline, or Pathwise()",
-        )
+        if est.bound_signal not in ("plain", "leave_one_out"):
+            raise SiteError(name, est.bound_refusal())
 
 
 class IWAE(Objective):
@@ -159,7 +102,7 @@ class IWAE(Objective):
         signals: dict[str, jax.Array] = {}
         for name, logq in evaluation.logq.items():
             est = scg.nodes[name].estimator
-            if isinstance(est, VIMCO):
+            if est.bound_signal == "leave_one_out":
                 baseline = vimco_baselines(log_w)
             else:
                 baseline = jnp.zeros_like(log_w)

@@ -14,9 +14,8 @@ from scgjax.estimators.base import zero_value
 from scgjax.estimators.detached import Detached
 from scgjax.objectives import program
 from scgjax.objectives.base import Evaluation, Objective
-from scgjax.objectives.iwae import bound_layout, importance_log_weights
+from scgjax.objectives.bounds import importance_log_weights, role_sums
 from scgjax.objectives.sleep import SleepArgs, sleep_guide_log_density
-from scgjax.objectives.surrogate import reduce_to
 
 
 class RWS(Objective):
@@ -56,6 +55,7 @@ class RWS(Objective):
         num_particles: ``K``, the guide particles of the wake phases.
         sleep_phi: the weight of sleep-φ in the guide's update, in ``[0, 1]``.
         sleep_args: the guide's arguments for a dream (see above).
+        particle_chunk: run the particles in blocks of this size (see ``sg.ELBO``).
 
     Example:
         >>> import jax, jax.numpy as jnp, scgjax as sg
@@ -75,8 +75,8 @@ class RWS(Objective):
     kind = program.GUIDED
 
     def __init__(self, num_particles: int = 1, sleep_phi: float = 0.0,
-                 sleep_args: SleepArgs | None = None):
-        super().__init__(num_particles)
+                 sleep_args: SleepArgs | None = None, particle_chunk: int | None = None):
+        super().__init__(num_particles, particle_chunk)
         if not 0.0 <= sleep_phi <= 1.0:
             raise ValueError(f"sleep_phi must be in [0, 1], got {sleep_phi!r}")
         if sleep_args is not None and not callable(sleep_args):
@@ -85,8 +85,9 @@ class RWS(Objective):
         self.sleep_args = sleep_args
 
     def __repr__(self) -> str:
+        chunk = "" if self.particle_chunk is None else f", particle_chunk={self.particle_chunk}"
         return f"{type(self).__name__}(num_particles={self.num_particles}, " \
-               f"sleep_phi={self.sleep_phi})"
+               f"sleep_phi={self.sleep_phi}{chunk})"
 
     def default_estimator(self, fn: Any, num_particles: int) -> Any:
         """Every guide site is sampled without a gradient path."""
@@ -113,7 +114,7 @@ class RWS(Objective):
         structure = evaluation.structure
         name = type(self).__name__
         for site, node in structure.scg.nodes.items():
-            if not isinstance(node.estimator, Detached):
+            if not node.estimator.importance_weighted:
                 raise SiteError(
                     site, f"uses {type(node.estimator).__name__}, but {name} does not "
                     "differentiate through samples (its gradients are importance-weighted); "
@@ -128,7 +129,7 @@ class RWS(Objective):
             )
         log_w, per_element, bound, ratio = importance_log_weights(evaluation)
         weights = jax.lax.stop_gradient(jax.nn.softmax(log_w, axis=0))
-        model_part, guide_part = _role_sums(evaluation, log_w.shape)
+        model_part, guide_part = role_sums(evaluation, log_w.shape)
         wake_phi = 1.0 - self.sleep_phi
         wake = ratio * jnp.sum(weights * (model_part - wake_phi * guide_part))
         surrogate = jax.lax.stop_gradient(bound) + zero_value(wake)
@@ -175,21 +176,3 @@ class WakeSleep(RWS):
 
     def __repr__(self) -> str:
         return "WakeSleep()"
-
-
-def _role_sums(evaluation: Evaluation, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """The model's and the guide's costs that depend on a latent, per particle and element of
-    the bound's plates, divided by the sub-sampling ratio like the log-weights."""
-    keep, ratio = bound_layout(evaluation.structure.scg)
-    scg = evaluation.structure.scg
-    model = jnp.zeros(shape)
-    guide = jnp.zeros(shape)
-    for cid, cost in evaluation.costs.items():
-        if not scg.upstream(cid):
-            continue
-        part = reduce_to(cost, keep) / ratio
-        if scg.costs[cid].role == "guide":
-            guide = guide + part
-        else:
-            model = model + part
-    return model, guide

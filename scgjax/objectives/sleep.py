@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from scgjax import handlers
 from scgjax.errors import ScgjaxError, SiteError
-from scgjax.objectives.program import site_log_prob
 from scgjax.primitives import Message, Messenger
+from scgjax.tracegraph import site_log_prob
 
 __all__ = ["dream", "sleep_guide_log_density", "trace_program", "unobserve"]
 
@@ -43,9 +43,8 @@ def trace_program(fn: Callable, rng_key: jax.Array, params: dict, args: tuple, k
                   wrap: Callable[[Callable], Callable] | None = None) -> dict:
     """The trace of ``fn(*args, **kwargs)`` at ``params`` (unconstrained), seeded with
     ``rng_key``; ``wrap`` adds handlers inside the substitution (e.g. :class:`unobserve`)."""
-    fn = fn if wrap is None else wrap(fn)
-    fn = handlers.seed(handlers.substitute_unconstrained(fn, params), rng_key)
-    return handlers.trace(fn).get_trace(*args, **kwargs)
+    return handlers.trace_program(fn if wrap is None else wrap(fn), rng_key, params, *args,
+                                  **kwargs)
 
 
 def sample_sites(tr: dict) -> dict[str, Message]:

@@ -20,21 +20,14 @@ For a sampled guide site, one more zero-valued term, ``sum (box(log q(w)) - 1) *
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from scgjax.estimators.base import ScoreContext, magic_box
-from scgjax.objectives.program import Structure
-from scgjax.scg import from_canonical
-
-
-def reduce_to(x: jax.Array, keep: tuple[bool, ...]) -> jax.Array:
-    """Sum ``x`` (shape ``(K, *plates)``) over the plate axes not in ``keep``, keeping dims."""
-    axes = tuple(i + 1 for i, k in enumerate(keep) if not k and x.shape[i + 1] > 1)
-    return x.sum(axis=axes, keepdims=True) if axes else x
+from scgjax.layout import reduce_to
+from scgjax.tracegraph import Structure
 
 
 def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
@@ -55,8 +48,7 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
     # Costs of the same shape with the same upstream nodes share one box: sum them first.
     groups: dict[tuple, jax.Array] = {}
     for cid, cost in costs.items():
-        upstream = tuple((w, scg.plate_mask(scg.shared_plates(w, cid)))
-                         for w in scg.upstream(cid) if w in logq and scg.nodes[w].score)
+        upstream = tuple((w, keep) for w, keep in scg.boxes[cid] if w in logq)
         key = (upstream, cost.shape)
         groups[key] = cost if key not in groups else groups[key] + cost
     for (upstream, _), cost in groups.items():
@@ -69,12 +61,12 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
     for w in logq:
         node = scg.nodes[w]
         signal = jnp.zeros_like(logq[w])
-        for cid in scg.credited_costs(w):
-            keep = scg.plate_mask(scg.shared_plates(w, cid))
+        for cid, keep in scg.credit[w]:
             signal = signal + reduce_to(costs[cid], keep)
         if signals is not None:
             signals[w] = jax.lax.stop_gradient(signal)
         est = node.estimator
+        layout = node.layout(structure.plate_order)
         prefix = f"{w}$"
         ctx = ScoreContext(
             name=w,
@@ -86,8 +78,8 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
             collected=extras[w]["collected"],
             signal_grad=signal_grads.get(w),
             params={n[len(prefix):]: v for n, v in params.items() if n.startswith(prefix)},
-            to_value_layout=functools.partial(from_canonical, node=node,
-                                              plate_order=structure.plate_order),
+            to_value_layout=layout.to_value,
+            from_value_layout=layout.from_value,
         )
         term, new_state[w] = est.surrogate_term(ctx)
         surrogate = surrogate + term

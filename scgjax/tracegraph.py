@@ -1,0 +1,200 @@
+"""The graph layer: from the traces of a program to its stochastic computation graph.
+
+Objectives run programs (with their estimators, see :mod:`scgjax.objectives.program`); this
+layer reads what a run leaves behind. Two shapes of program are supported:
+
+- **guided** (``ELBO``, ...): the guide samples the latent sites, the model is replayed at the
+  guide's values. Stochastic nodes are the guide's latent sites; costs are every model site's
+  log-density (latent, observed, factors) and minus every guide site's log-density.
+- **single** (``Expectation``): one program samples its latents; costs are its observed sites
+  and factors (the objective is ``E[sum of factors and observed log-densities]``).
+
+:func:`build` traces the programs **once** to a jaxpr (nothing is computed), with the sampled
+values marked as named sources (:class:`mark_sources`, :func:`scgjax.provenance.source`). That
+one pass gives both the sites (nodes, costs, plates) and the data flow from every sampled value
+to every log-density, hence the graph's edges and the credit of every node
+(:attr:`scgjax.scg.SCG.credit`, computed once per graph). It happens while an objective is
+being traced, so a jitted step does none of this work.
+
+Each cost is ``sign * scale * mask * log_prob`` of a site (:func:`site_cost`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from scgjax.errors import SiteError
+from scgjax.primitives import Message, Messenger
+from scgjax.provenance import source, source_dependencies
+from scgjax.scg import SCG, CostNode, Plate, node_from_message
+
+__all__ = ["GUIDED", "SINGLE", "Structure", "build", "cost_sites", "is_latent",
+           "mark_sources", "sampling_role", "site_cost", "site_log_prob"]
+
+GUIDED = "guided"
+SINGLE = "single"
+
+Traces = dict[str, dict[str, Message]]
+
+
+def sampling_role(kind: str) -> str:
+    """The role of the program whose latent sites are the stochastic nodes."""
+    return "program" if kind == SINGLE else "guide"
+
+
+def is_latent(msg: Message) -> bool:
+    """A sample site that is not observed (factors are observed)."""
+    return msg["type"] == "sample" and not msg["is_observed"]
+
+
+def site_log_prob(msg: Message) -> jax.Array:
+    """``log fn(value)`` of a sample site, broadcast to its batch shape, 0 where masked."""
+    lp = msg["fn"].log_prob(msg["value"])
+    lp = jnp.broadcast_to(lp, tuple(msg["fn"].batch_shape))
+    if msg.get("mask") is not None:
+        lp = jnp.where(msg["mask"], lp, 0.0)
+    return lp
+
+
+def site_cost(msg: Message, sign: float = 1.0, log_prob: jax.Array | None = None
+              ) -> jax.Array:
+    """``sign * scale * mask * log_prob``: the cost of a sample site, per element of its batch
+    shape (``log_prob``, if given, is the site's :func:`site_log_prob`, computed once).
+
+    Example:
+        >>> import jax.numpy as jnp, scgjax as sg
+        >>> from scgjax import dist
+        >>> prog = sg.handlers.scale(lambda: sg.sample("x", dist.Normal(0.0, 1.0), obs=0.0), 2.0)
+        >>> tr = sg.handlers.trace(prog).get_trace()
+        >>> round(float(site_cost(tr["x"], -1.0)), 4)   # -2 * log N(0 | 0, 1)
+        1.8379
+    """
+    lp = site_log_prob(msg) if log_prob is None else log_prob
+    if msg.get("scale") is not None:
+        lp = lp * msg["scale"]
+    return sign * lp
+
+
+def cost_sites(kind: str, traces: Traces) -> list[tuple[str, str, str, float]]:
+    """``(cost id, role, site name, sign)`` for every cost of the traces, in program order."""
+    out = []
+    if kind == SINGLE:
+        for name, msg in traces["program"].items():
+            if msg["type"] == "sample" and msg["is_observed"]:
+                out.append((_cost_id(name, msg), "program", name, 1.0))
+        return out
+    for name, msg in traces["model"].items():
+        if msg["type"] == "sample":
+            out.append((_cost_id(name, msg), "model", name, 1.0))
+    for name, msg in traces["guide"].items():
+        if msg["type"] == "sample":
+            out.append((f"-log q({name})", "guide", name, -1.0))
+    return out
+
+
+def _cost_id(name: str, msg: Message) -> str:
+    return name if msg.get("is_factor") else f"log p({name})"
+
+
+class mark_sources(Messenger):
+    """Mark the value of every latent sample site as the named source of its site
+    (:func:`scgjax.provenance.source`). Install it *outside* the ``trace`` of the sampling
+    program, so that the trace and everything downstream see the marked value."""
+
+    def postprocess_message(self, msg: Message) -> None:
+        if is_latent(msg):
+            msg["value"] = source(msg["value"], msg["name"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """Everything static an objective needs: the graph and where each cost comes from."""
+
+    kind: str
+    scg: SCG
+    costs: tuple[tuple[str, str, str, float], ...]
+    num_particles: int
+    #: the ``sg.param``/``sg.module`` names that both the model and the guide use
+    shared_params: tuple[str, ...] = ()
+
+    @property
+    def plate_order(self) -> tuple[str, ...]:
+        return tuple(self.scg.plates)
+
+
+def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> Structure:
+    """The :class:`Structure` of the programs that ``run_marked()`` runs.
+
+    ``run_marked()`` runs them once and returns their traces by role (``guide``/``model`` or
+    ``program``), with the sampling role's latent values marked (:class:`mark_sources`). It is
+    traced to a jaxpr, not computed.
+    """
+    role = sampling_role(kind)
+    found: dict = {}
+
+    def analysis_pass() -> list[jax.Array]:
+        traces = run_marked()
+        sampled = {n: m for n, m in traces[role].items() if is_latent(m)}
+        costs = cost_sites(kind, traces)
+        found.update(
+            nodes={n: node_from_message(m, role) for n, m in sampled.items()},
+            costs=costs,
+            plates=_plates(traces),
+            shared_params=_shared_params(traces),
+            cost_plates={cid: tuple(f.name for f in traces[r][s]["cond_indep_stack"])
+                         for cid, r, s, _ in costs},
+        )
+        return ([site_log_prob(m) for m in sampled.values()]
+                + [site_log_prob(traces[r][s]) for _, r, s, _ in costs])
+
+    deps = source_dependencies(analysis_pass)
+    nodes, costs = found["nodes"], found["costs"]
+    names = list(nodes)
+    parents = {n: deps[i] - {n} for i, n in enumerate(names)}
+    cost_inputs = {cid: deps[len(names) + i] for i, (cid, *_) in enumerate(costs)}
+    cost_nodes = {
+        cid: CostNode(cid, site, r, _cost_kind(cid, r, site), sign, found["cost_plates"][cid])
+        for cid, r, site, sign in costs
+    }
+    scg = SCG(nodes=nodes, costs=cost_nodes, plates=found["plates"], parents=parents,
+              cost_inputs=cost_inputs)
+    return Structure(kind=kind, scg=scg, costs=tuple(costs), num_particles=num_particles,
+                     shared_params=found["shared_params"])
+
+
+def _cost_kind(cid: str, role: str, site: str) -> str:
+    if cid == site:
+        return "factor"
+    return "-log q" if role == "guide" else "log p"
+
+
+def _shared_params(traces: Traces) -> tuple[str, ...]:
+    """The param sites of every trace, when there are several (model and guide)."""
+    names = [{n for n, m in tr.items() if m["type"] == "param"} for tr in traces.values()]
+    if len(names) < 2:
+        return ()
+    return tuple(sorted(set.intersection(*names)))
+
+
+def _plates(traces: Traces) -> dict[str, Plate]:
+    plates: dict[str, Plate] = {}
+    for tr in traces.values():
+        for msg in tr.values():
+            for f in msg.get("cond_indep_stack", ()):
+                known = plates.setdefault(f.name, Plate(f.name, f.size, f.full_size))
+                if known.full_size != f.full_size:
+                    raise SiteError(
+                        f.name, f"is a plate used with sizes {known.full_size} and "
+                        f"{f.full_size}; a plate name must always have the same size",
+                    )
+                if known.size != f.size:
+                    raise SiteError(
+                        f.name, f"is a plate of size {f.full_size} subsampled to {known.size} "
+                        f"and to {f.size} elements; a plate must be subsampled the same way "
+                        "wherever it is used",
+                    )
+    return plates

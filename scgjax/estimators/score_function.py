@@ -9,14 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scgjax.baselines import Constant
+from scgjax.baselines import Baseline, Constant, FromCallable
 from scgjax.estimators.base import Estimator, ScoreContext
 
+#: the methods of :class:`~scgjax.baselines.Baseline` beyond ``init_state`` and ``__call__``:
+#: an object that has one of them but is not a ``Baseline`` would have it ignored
+_PROTOCOL_METHODS = ("baseline_for", "collect", "init_params", "training_term")
 
-def check_baseline(baseline: Any) -> Any:
-    """``baseline`` if it is ``None`` or a baseline object (``init_state`` and ``__call__`` or
-    ``baseline_for``), ``Constant(baseline)`` for a real number or numeric array; otherwise a
-    ``TypeError`` that says what was given and what to write instead.
+
+def check_baseline(baseline: Any) -> Baseline | None:
+    """``baseline`` if it is ``None`` or a :class:`~scgjax.baselines.Baseline`;
+    ``FromCallable(baseline)`` for a duck-typed baseline (``init_state()`` and
+    ``__call__(learning_signal, state)``); ``Constant(baseline)`` for a real number or numeric
+    array; otherwise a ``TypeError`` that says what was given and what to write instead.
 
     Example:
         >>> check_baseline(2.0)
@@ -27,17 +32,23 @@ def check_baseline(baseline: Any) -> Any:
         ...
         TypeError: ScoreFunction(baseline=...) got the class MovingAverage; did you mean ...
     """
-    if baseline is None:
-        return None
+    if baseline is None or isinstance(baseline, Baseline):
+        return baseline
     if isinstance(baseline, type):
         raise TypeError(f"ScoreFunction(baseline=...) got the class {baseline.__name__}; did "
                         f"you mean {baseline.__name__}()?")
     if isinstance(baseline, Estimator):
         raise TypeError(f"ScoreFunction(baseline=...) got the estimator {baseline!r}; a "
                         "baseline is e.g. sg.baselines.MovingAverage(0.9) or a number")
-    if hasattr(baseline, "init_state") and (callable(baseline)
-                                            or hasattr(baseline, "baseline_for")):
-        return baseline
+    if hasattr(baseline, "init_state"):
+        hooks = [m for m in _PROTOCOL_METHODS if hasattr(baseline, m)]
+        if hooks:
+            raise TypeError(
+                f"ScoreFunction(baseline=...) got {type(baseline).__name__} {baseline!r}, "
+                f"which defines {', '.join(hooks)} but does not subclass "
+                "sg.baselines.Baseline; subclass it so that these methods are used")
+        if callable(baseline):
+            return FromCallable(baseline)
     if not isinstance(baseline, (bool, np.bool_, str, bytes)):
         try:
             dtype = jnp.result_type(baseline)
@@ -48,8 +59,8 @@ def check_baseline(baseline: Any) -> Any:
             return Constant(baseline)
     raise TypeError(
         f"ScoreFunction(baseline=...) needs None, a number (a constant baseline) or a baseline "
-        f"of sg.baselines (e.g. MovingAverage(0.9), Constant(b), Neural(net, inputs=x)), got "
-        f"{type(baseline).__name__} {baseline!r}")
+        f"of sg.baselines (e.g. MovingAverage(0.9), Constant(b), Neural(net, inputs=x), or a "
+        f"subclass of sg.baselines.Baseline), got {type(baseline).__name__} {baseline!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +70,10 @@ class ScoreFunction(Estimator):
     Unbiased for any baseline ``b`` that does not depend on ``w`` (Schulman et al. 2015,
     Thm. 1); works for any distribution, discrete or continuous (the sample's pathwise
     gradient is stopped). ``baseline`` is ``None`` or an object of :mod:`scgjax.baselines`
-    (e.g. ``MovingAverage(decay)``, ``Constant(value)``, ``Neural(module, inputs)``), whose
-    state lives in the objective's state pytree. The baseline's optional hooks ``collect``,
-    ``init_params``, ``baseline_for(ctx)`` and ``training_term(ctx)`` are forwarded to it.
+    (e.g. ``MovingAverage(decay)``, ``Constant(value)``, ``Neural(module, inputs)``, or a
+    subclass of :class:`~scgjax.baselines.Baseline`), whose state lives in the objective's
+    state pytree. This estimator's ``collect``, ``init_params``, ``init_state``,
+    ``baseline_for(ctx)`` and its surrogate's training term are the baseline's.
 
     A number or a numeric array ``b`` is taken as ``Constant(b)``; anything else that is not a
     baseline (a baseline *class*, a string, ...) is a ``TypeError``.
@@ -74,20 +86,23 @@ class ScoreFunction(Estimator):
         ScoreFunction(baseline=Constant(value=-3.0))
     """
 
-    baseline: Any = None
+    baseline: Baseline | None = None
 
     def __post_init__(self):
         baseline = check_baseline(self.baseline)
         if baseline is not self.baseline:
             object.__setattr__(self, "baseline", baseline)
 
+    @property
+    def bound_signal(self) -> str | None:  # type: ignore[override]
+        """Under a multi-sample bound: the plain score (no baseline) only."""
+        return "plain" if self.baseline is None else None
+
     def collect(self, msg: dict) -> Any:
-        hook = getattr(self.baseline, "collect", None)
-        return None if hook is None else hook(msg)
+        return None if self.baseline is None else self.baseline.collect(msg)
 
     def init_params(self, rng_key: jax.Array, msg: dict) -> dict:
-        hook = getattr(self.baseline, "init_params", None)
-        return {} if hook is None else hook(rng_key, msg)
+        return {} if self.baseline is None else self.baseline.init_params(rng_key, msg)
 
     def init_state(self) -> Any:
         return {} if self.baseline is None else self.baseline.init_state()
@@ -95,12 +110,10 @@ class ScoreFunction(Estimator):
     def baseline_for(self, ctx: ScoreContext) -> tuple[jax.Array | None, Any]:
         if self.baseline is None:
             return None, ctx.state
-        hook = getattr(self.baseline, "baseline_for", None)
-        if hook is not None:
-            return hook(ctx)
-        return self.baseline(ctx.learning_signal, ctx.state)
+        return self.baseline.baseline_for(ctx)
 
     def surrogate_term(self, ctx: ScoreContext) -> tuple[jax.Array, Any]:
         term, state = super().surrogate_term(ctx)
-        hook = getattr(self.baseline, "training_term", None)
-        return (term if hook is None else term + hook(ctx)), state
+        if self.baseline is None:
+            return term, state
+        return term + self.baseline.training_term(ctx), state

@@ -144,6 +144,112 @@ def _select_kernel(sq: jax.Array, slopes: jax.Array, num_train: int, base: jax.A
     return hs[best], lams[best]
 
 
+def _check_num_sleep(num_sleep: Any) -> None:
+    if not isinstance(num_sleep, int) or num_sleep < 2:
+        raise ValueError(f"num_sleep must be an int >= 2, got {num_sleep!r}")
+
+
+def _check_kernel(kernel: Any) -> None:
+    if kernel != "gaussian":
+        raise ValueError(f"kernel must be 'gaussian', got {kernel!r}")
+
+
+def _kernel_candidates(ridge: Any, bandwidth_scales: Any, num_heldout: Any
+                       ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """``(ridges, scales)``: the candidate ``lambda``s and bandwidth multiples, checked
+    positive; several of them need ``num_heldout > 0`` held-out dreams to choose between."""
+    ridges = tuple(ridge) if isinstance(ridge, Sequence) else (ridge,)
+    scales = tuple(bandwidth_scales)
+    if not ridges or not all(r > 0 for r in ridges):
+        raise ValueError(f"ridge must be positive (or positive candidates), got {ridge!r}")
+    if not scales or not all(s > 0 for s in scales):
+        raise ValueError(f"bandwidth_scales must be positive, got {bandwidth_scales!r}")
+    if not isinstance(num_heldout, int) or num_heldout < 0:
+        raise ValueError(f"num_heldout must be an int >= 0, got {num_heldout!r}")
+    if num_heldout == 0 and len(ridges) * len(scales) > 1:
+        raise ValueError("several ridge or bandwidth_scales candidates need held-out sleep "
+                         "samples to choose between them: pass num_heldout > 0")
+    return ridges, scales
+
+
+def _check_bandwidth(bandwidth: Any) -> None:
+    if bandwidth is not None and not bandwidth > 0:
+        raise ValueError(f"bandwidth must be positive or None, got {bandwidth!r}")
+
+
+def _check_normalised_and_observed(sites: dict[str, Message]) -> None:
+    """No factor (the sleep run samples the model) and at least one observed site."""
+    factors = [n for n, m in sites.items() if m.get("is_factor")]
+    if factors:
+        raise SiteError(factors[0], "is a factor; AmortisedWakeSleep samples the model's "
+                        "data in its sleep phase and needs a normalised model")
+    if not any(m["is_observed"] for m in sites.values()):
+        raise ScgjaxError(
+            "AmortisedWakeSleep needs a model that observes its data (sg.sample(..., "
+            "obs=x) inside a data plate); this model has no observed site")
+
+
+def _common_plate(sites: dict[str, Message]) -> str:
+    """The only plate that holds every sample site (an error if there is not exactly one)."""
+    common = set.intersection(*({f.name for f in m["cond_indep_stack"]}
+                                for m in sites.values()))
+    if len(common) != 1:
+        raise ScgjaxError(
+            "AmortisedWakeSleep needs every sample site inside one data plate; the "
+            f"plates that hold every site are {sorted(common)}"
+            + ("" if not common else ": pass data_plate=..."))
+    return common.pop()
+
+
+def _check_sites_in_plate(sites: dict[str, Message], name: str) -> None:
+    """Every sample site lies in the data plate ``name``, which does not subsample."""
+    for n, m in sites.items():
+        frames = [f for f in m["cond_indep_stack"] if f.name == name]
+        if not frames:
+            raise SiteError(n, f"is outside the data plate '{name}'; AmortisedWakeSleep "
+                            "needs every sample site in it (no global latents)")
+        if frames[0].size != frames[0].full_size:
+            raise SiteError(n, f"is in the data plate '{name}', which subsamples; "
+                            "AmortisedWakeSleep does not support subsampling")
+
+
+def _check_data_argument(args: tuple) -> None:
+    """The model's first argument must be the data array (data plate along its first axis)."""
+    if not args or not hasattr(args[0], "shape") or jnp.ndim(args[0]) < 1:
+        raise TypeError("AmortisedWakeSleep needs the data array, with the data plate "
+                        "along its leading axis, as the model's first argument")
+
+
+def _check_sleep_plate(sites: dict[str, Message], plate: str, total: int) -> None:
+    """Every site of the sleep run lies in a data plate of ``total`` rows: the model must size
+    its data plate by its first argument."""
+    for n, m in sites.items():
+        frame = next((f for f in m["cond_indep_stack"] if f.name == plate), None)
+        if frame is None or frame.size != total:
+            raise SiteError(
+                n, f"has no data plate '{plate}' of size num_sleep + num_heldout={total} when "
+                "the model's first argument has that many rows; the model must take its "
+                "data plate's size from its first argument's leading dimension")
+
+
+def _observed_features(sites: dict[str, Message], observed: list[str], plate: str
+                       ) -> jax.Array:
+    """``(N, D)``: the observed sites' values, one row per element of the data plate, their
+    features concatenated, gradient stopped."""
+    return jax.lax.stop_gradient(
+        jnp.concatenate([_features(sites[n], plate) for n in observed], axis=1))
+
+
+def _log_joint(model: Callable, rng_key: jax.Array, params: dict, model_args: tuple,
+               kwargs: dict, given: dict[str, jax.Array], plate: str) -> jax.Array:
+    """``log p_theta`` of the model run on ``model_args`` with the sites of ``given`` set to
+    their values, summed per element of the data plate: ``(N,)``, differentiable in
+    ``params``."""
+    tr = trace_program(model, rng_key, params, model_args, kwargs,
+                       wrap=lambda fn: handlers.condition(fn, given))
+    return sum(_per_element_log_density(m, plate) for m in sample_sites(tr).values())
+
+
 class AmortisedWakeSleep(Objective):
     """Amortised learning by wake-sleep (Wenliang et al., ICML 2020) for a model alone.
 
@@ -162,29 +268,18 @@ class AmortisedWakeSleep(Objective):
     4. returns ``-mean_m fhat(x_m)`` over the real data's rows ``x_m``.
 
     Its gradient estimates ``-mean_m grad_theta log p_theta(x_m)``; its *value* is a
-    regression surrogate, not ``-log p(x)``.
+    regression surrogate, not ``-log p(x)``. Metrics: ``surrogate`` (``mean_m fhat(x_m)``),
+    ``mean_log_joint`` (``mean_n f_n``), ``bandwidth`` (``h``) and ``ridge`` (``lambda``).
 
     With ``joint_at_data=True`` step 4 instead evaluates the joint of every dream's latents at
     the real observations, ``fhat(x_m) = sum_n a_mn log p_theta(x_m, z_n)``, with the
-    regression's weights ``a_mn`` (``fhat(x) = sum_n a_n(x) f_n`` above): the weights
-    estimate the posterior given ``x_m`` from the dreams, and only the expectation over ``z``
-    is regressed, not the dependence on ``x``. For a likelihood in the exponential family,
-    ``log p(x | z) = eta_theta(z) . T(x) - A_theta(z) + log h(x)``, this is the authors'
-    KRR_2: the natural parameters are regressed and the sufficient statistics ``T(x_m)``
-    evaluated exactly. It addresses plain regression's blind spot, a likelihood's noise
-    scale: the dreams' ``d f_n / d log sigma`` average zero (the dreams come from the current
-    ``sigma``) whatever the data, so plain regression hardly sees the data's noise level.
-    Its own bias is different: when few dreams lie near ``x_m`` the weights spread the
-    posterior estimate, which biases the gradients of the parameters the latents' location
-    depends on. Measured: on a 16-dimensional two-component mixture with 200 dreams the
-    noise-scale gradient is 9.2 +- 0.3 (plain 7.2 +- 0.2, exact 8.6); on the Gabor ring of
-    ``examples/amortised_ws.py`` (1500 steps, 500 dreams, true noise 0.05) sigma ends at 0.074
-    (plain regression drives it to 0.023 and the held-out log-likelihood down after
-    about 500 steps), but the generator's fit is far worse (aligned MSE 0.70 vs 0.022), so it
-    is not the default. It costs ``M x S`` evaluations of the model's densities per step
-    (``M`` data rows; computations that depend only on ``z``, such as a decoder network, run
-    once). Metrics: ``surrogate`` (``mean_m fhat(x_m)``),
-    ``mean_log_joint`` (``mean_n f_n``), ``bandwidth`` (``h``) and ``ridge`` (``lambda``).
+    regression's weights ``a_mn`` (``fhat(x) = sum_n a_n(x) f_n`` above): only the expectation
+    over ``z`` is regressed, not the dependence on ``x`` (for an exponential-family likelihood,
+    the authors' KRR_2). It sees a likelihood's noise scale, which plain regression hardly
+    does, but spreads the posterior estimate when few dreams lie near ``x_m``, and costs
+    ``M x S`` evaluations of the model's densities per step (``M`` data rows). Not the
+    default: measurements and discussion in ``BENCHMARKS.md`` (``examples/amortised_ws.py``,
+    "Notes").
 
     The kernel is chosen by the median heuristic (``bandwidth=None``) or fixed, or, with
     ``num_heldout > 0``, on held-out sleep samples as the authors do: ``num_heldout`` more
@@ -218,6 +313,23 @@ class AmortisedWakeSleep(Objective):
         num_heldout: held-out sleep samples for choosing ``h`` and ``lambda`` (0: no choice).
         bandwidth_scales: the candidate multiples of the base bandwidth.
         joint_at_data: evaluate the dreams' joint at the real observations (see above).
+
+    Example (data of scale 2 under ``x = a z + 0.5 e``, ``a = 1``: ``a`` should grow):
+        >>> import jax, scgjax as sg
+        >>> from scgjax import dist
+        >>> def model(x):
+        ...     a = sg.param("a", 1.0)
+        ...     with sg.plate("data", x.shape[0]):
+        ...         z = sg.sample("z", dist.Normal(0.0, 1.0))
+        ...         sg.sample("x", dist.Normal(a * z, 0.5), obs=x)
+        >>> x = 2.0 * jax.random.normal(jax.random.key(0), (50,))
+        >>> params = sg.init_params(0, model, None, x)
+        >>> objective = sg.AmortisedWakeSleep(num_sleep=200)
+        >>> grad = jax.grad(objective.loss, argnums=1)
+        >>> keys = jax.random.split(jax.random.key(1), 8)
+        >>> grads = jax.vmap(lambda key: grad(key, params, model, x))(keys)
+        >>> bool(grads["a"].mean() < 0)  # the loss falls as a grows
+        True
     """
 
     kind = program.SINGLE
@@ -227,23 +339,10 @@ class AmortisedWakeSleep(Objective):
                  data_plate: str | None = None, num_heldout: int = 0,
                  bandwidth_scales: Sequence[float] = (1.0,), joint_at_data: bool = False):
         super().__init__(num_particles=1)
-        if not isinstance(num_sleep, int) or num_sleep < 2:
-            raise ValueError(f"num_sleep must be an int >= 2, got {num_sleep!r}")
-        if kernel != "gaussian":
-            raise ValueError(f"kernel must be 'gaussian', got {kernel!r}")
-        ridges = tuple(ridge) if isinstance(ridge, Sequence) else (ridge,)
-        scales = tuple(bandwidth_scales)
-        if not ridges or not all(r > 0 for r in ridges):
-            raise ValueError(f"ridge must be positive (or positive candidates), got {ridge!r}")
-        if not scales or not all(s > 0 for s in scales):
-            raise ValueError(f"bandwidth_scales must be positive, got {bandwidth_scales!r}")
-        if not isinstance(num_heldout, int) or num_heldout < 0:
-            raise ValueError(f"num_heldout must be an int >= 0, got {num_heldout!r}")
-        if num_heldout == 0 and len(ridges) * len(scales) > 1:
-            raise ValueError("several ridge or bandwidth_scales candidates need held-out sleep "
-                             "samples to choose between them: pass num_heldout > 0")
-        if bandwidth is not None and not bandwidth > 0:
-            raise ValueError(f"bandwidth must be positive or None, got {bandwidth!r}")
+        _check_num_sleep(num_sleep)
+        _check_kernel(kernel)
+        ridges, scales = _kernel_candidates(ridge, bandwidth_scales, num_heldout)
+        _check_bandwidth(bandwidth)
         self.num_sleep = num_sleep
         self.kernel = kernel
         self.ridge = tuple(float(r) for r in ridges)
@@ -266,112 +365,90 @@ class AmortisedWakeSleep(Objective):
     # -- the model's runs ------------------------------------------------------------------
 
     def _find_plate(self, tr: dict) -> str:
+        """The data plate's name (``data_plate``, else the only plate holding every site),
+        after checking that the model fits the assumptions of the class docstring."""
         sites = sample_sites(tr)
-        factors = [n for n, m in sites.items() if m.get("is_factor")]
-        if factors:
-            raise SiteError(factors[0], "is a factor; AmortisedWakeSleep samples the model's "
-                            "data in its sleep phase and needs a normalised model")
-        observed = [n for n, m in sites.items() if m["is_observed"]]
-        if not observed:
-            raise ScgjaxError(
-                "AmortisedWakeSleep needs a model that observes its data (sg.sample(..., "
-                "obs=x) inside a data plate); this model has no observed site")
-        if self.data_plate is not None:
-            name = self.data_plate
-        else:
-            common = set.intersection(*({f.name for f in m["cond_indep_stack"]}
-                                        for m in sites.values()))
-            if len(common) != 1:
-                raise ScgjaxError(
-                    "AmortisedWakeSleep needs every sample site inside one data plate; the "
-                    f"plates that hold every site are {sorted(common)}"
-                    + ("" if not common else ": pass data_plate=..."))
-            name = common.pop()
-        for n, m in sites.items():
-            frames = [f for f in m["cond_indep_stack"] if f.name == name]
-            if not frames:
-                raise SiteError(n, f"is outside the data plate '{name}'; AmortisedWakeSleep "
-                                "needs every sample site in it (no global latents)")
-            if frames[0].size != frames[0].full_size:
-                raise SiteError(n, f"is in the data plate '{name}', which subsamples; "
-                                "AmortisedWakeSleep does not support subsampling")
+        _check_normalised_and_observed(sites)
+        name = self.data_plate if self.data_plate is not None else _common_plate(sites)
+        _check_sites_in_plate(sites, name)
         return name
 
-    def loss_with_state(self, rng_key: Any, params: dict, state: dict | None, *fns_and_args,
-                        **kwargs) -> tuple[jax.Array, tuple[dict, dict]]:
+    def loss_with_state(self, rng_key: Any, params: dict, state: dict | None,
+                        *fns_and_args: Any, **kwargs: Any
+                        ) -> tuple[jax.Array, tuple[dict, dict[str, jax.Array]]]:
         """``(loss, (state, metrics))``: see the class docstring."""
         (model,) = self._programs(fns_and_args[:1])
         args = fns_and_args[1:]
-        if not args or not hasattr(args[0], "shape") or jnp.ndim(args[0]) < 1:
-            raise TypeError("AmortisedWakeSleep needs the data array, with the data plate "
-                            "along its leading axis, as the model's first argument")
-        key = handlers.as_prng_key(rng_key)
-        key_wake, key_sleep = jax.random.split(key)
-        x = args[0]
+        _check_data_argument(args)
+        key_wake, key_sleep = jax.random.split(handlers.as_prng_key(rng_key))
+        plate, observed, x_real = self._wake(model, key_wake, params, args, kwargs)
+        sleep_args, values, x_sleep = self._sleep(model, key_sleep, params, args, kwargs, plate,
+                                                  observed)
 
-        # wake: the real data's features (latents drawn only to run the model)
-        wake_tr = trace_program(model, key_wake, params, args, kwargs)
-        plate = self._find_plate(wake_tr)
-        observed = [n for n, m in sample_sites(wake_tr).items() if m["is_observed"]]
-        x_real = jax.lax.stop_gradient(
-            jnp.concatenate([_features(wake_tr[n], plate) for n in observed], axis=1))
-
-        # sleep: (z_n, x_n) ~ p_theta, observed sites sampled, no gradient through sampling
-        total = self.num_sleep + self.num_heldout
-        dummy = (jnp.zeros((total, *jnp.shape(x)[1:]), jnp.result_type(x)),
-                 *args[1:])
-        sleep_tr = trace_program(model, key_sleep, params, dummy, kwargs, wrap=unobserve)
-        sites = sample_sites(sleep_tr)
-        for n, m in sites.items():
-            frame = next((f for f in m["cond_indep_stack"] if f.name == plate), None)
-            if frame is None or frame.size != total:
-                raise SiteError(
-                    n, f"has no data plate '{plate}' of size num_sleep + num_heldout={total} when "
-                    "the model's first argument has that many rows; the model must take its "
-                    "data plate's size from its first argument's leading dimension")
-        values = {n: jax.lax.stop_gradient(m["value"]) for n, m in sites.items()}
-        x_sleep = jnp.concatenate(
-            [_features({**sites[n], "value": values[n]}, plate) for n in observed], axis=1)
-
-        # targets: f_n = log p_theta(x_n, z_n), differentiable in theta
         def targets(p: dict) -> jax.Array:
-            tr = trace_program(model, key_sleep, p, dummy, kwargs,
-                               wrap=lambda fn: handlers.condition(fn, values))
-            return sum(_per_element_log_density(m, plate) for m in sample_sites(tr).values())
+            """``f_n = log p_theta(x_n, z_n)``, differentiable in ``theta``."""
+            return _log_joint(model, key_sleep, p, sleep_args, kwargs, values, plate)
 
         f = targets(params)
-
-        # kernel ridge regression from x to f, evaluated at the real data
-        sq = _sq_dists(x_sleep, x_sleep)
-        h = (_median_bandwidth(sq[:self.num_sleep, :self.num_sleep]) if self.bandwidth is None
-             else jnp.asarray(self.bandwidth, sq.dtype))
-        h, ridge = jax.lax.stop_gradient(h), jnp.asarray(self.ridge[0], sq.dtype)
-        if self.num_heldout:
-            slopes = _random_slopes(targets, params, jax.random.fold_in(key_sleep, 1))
-            h, ridge = _select_kernel(sq, slopes, self.num_sleep, h, self.bandwidth_scales,
-                                      self.ridge)
+        sq, sq_query = _sq_dists(x_sleep, x_sleep), _sq_dists(x_real, x_sleep)
+        h, ridge = self._choose_kernel(sq, targets, params, key_sleep)
         if self.joint_at_data:
+            weights = jax.lax.stop_gradient(_kernel_ridge_weights(sq, h, ridge, sq_query))
             latents = {n: v for n, v in values.items() if n not in observed}
-            weights = jax.lax.stop_gradient(
-                _kernel_ridge_weights(sq, h, ridge, _sq_dists(x_real, x_sleep)))
 
             def joint_at(row: jax.Array) -> jax.Array:
-                """``log p_theta(x_m, z_n)`` for every dream ``n``: the model run on ``S``
-                copies of data row ``m`` with the dreams' latents."""
-                data = jnp.broadcast_to(row[None], (total, *jnp.shape(x)[1:]))
-                tr = trace_program(model, key_sleep, params, (data, *args[1:]), kwargs,
-                                   wrap=lambda fn: handlers.condition(fn, latents))
-                return sum(_per_element_log_density(m, plate)
-                           for m in sample_sites(tr).values())
+                """``log p_theta(x_m, z_n)`` for every dream ``n``: the model run on copies of
+                data row ``m`` with the dreams' latents."""
+                data = jnp.broadcast_to(row[None], sleep_args[0].shape)
+                return _log_joint(model, key_sleep, params, (data, *args[1:]), kwargs, latents,
+                                  plate)
 
-            fhat = jnp.sum(weights * jax.vmap(joint_at)(x), axis=1)
+            fhat = jnp.sum(weights * jax.vmap(joint_at)(args[0]), axis=1)
         else:
-            fhat = _kernel_ridge(sq, f, h, ridge, _sq_dists(x_real, x_sleep))
+            fhat = _kernel_ridge(sq, f, h, ridge, sq_query)
         surrogate = fhat.mean()
         metrics = {"surrogate": surrogate, "mean_log_joint": f.mean(), "bandwidth": h,
                    "ridge": ridge}
         return -surrogate, ({} if state is None else state, metrics)
 
-    def loss(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> jax.Array:
+    def _wake(self, model: Callable, rng_key: jax.Array, params: dict, args: tuple,
+              kwargs: dict) -> tuple[str, list[str], jax.Array]:
+        """``(plate, observed, x_real)``: the model run on the real data (its latents drawn
+        only to run it), its data plate, its observed sites and the data's features."""
+        wake_tr = trace_program(model, rng_key, params, args, kwargs)
+        plate = self._find_plate(wake_tr)
+        sites = sample_sites(wake_tr)
+        observed = [n for n, m in sites.items() if m["is_observed"]]
+        return plate, observed, _observed_features(sites, observed, plate)
+
+    def _sleep(self, model: Callable, rng_key: jax.Array, params: dict, args: tuple,
+               kwargs: dict, plate: str, observed: list[str]
+               ) -> tuple[tuple, dict[str, jax.Array], jax.Array]:
+        """``(sleep_args, values, x_sleep)``: ``(z_n, x_n) ~ p_theta`` for ``num_sleep +
+        num_heldout`` rows, the model run with its observed sites sampled on a dummy data
+        array (``sleep_args``), every value gradient-stopped."""
+        x = args[0]
+        total = self.num_sleep + self.num_heldout
+        sleep_args = (jnp.zeros((total, *jnp.shape(x)[1:]), jnp.result_type(x)), *args[1:])
+        sleep_tr = trace_program(model, rng_key, params, sleep_args, kwargs, wrap=unobserve)
+        sites = sample_sites(sleep_tr)
+        _check_sleep_plate(sites, plate, total)
+        values = {n: jax.lax.stop_gradient(m["value"]) for n, m in sites.items()}
+        return sleep_args, values, _observed_features(sites, observed, plate)
+
+    def _choose_kernel(self, sq: jax.Array, targets: Callable[[dict], jax.Array],
+                       params: dict, rng_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(h, lambda)``: the fixed or median bandwidth and the first ridge, or, with held-out
+        dreams, the pair of the candidates that best predicts the targets' slopes."""
+        h = (_median_bandwidth(sq[:self.num_sleep, :self.num_sleep]) if self.bandwidth is None
+             else jnp.asarray(self.bandwidth, sq.dtype))
+        h, ridge = jax.lax.stop_gradient(h), jnp.asarray(self.ridge[0], sq.dtype)
+        if self.num_heldout:
+            slopes = _random_slopes(targets, params, jax.random.fold_in(rng_key, 1))
+            h, ridge = _select_kernel(sq, slopes, self.num_sleep, h, self.bandwidth_scales,
+                                      self.ridge)
+        return h, ridge
+
+    def loss(self, rng_key: Any, params: dict, *fns_and_args: Any, **kwargs: Any) -> jax.Array:
         """``-mean_m fhat(x_m)``: its gradient estimates ``-mean_m grad log p_theta(x_m)``."""
         return self.loss_with_state(rng_key, params, None, *fns_and_args, **kwargs)[0]

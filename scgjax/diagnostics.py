@@ -482,12 +482,12 @@ def explain_nonfinite(objective: Objective, params: dict, rng_key: Any,
         if dice:
             for w in ev.logq:  # the surrogate with only w's box: its costs' part + w's term
                 signals: dict = {}
-                surrogate, per_particle, _ = dice_surrogate(
+                surrogate, estimate, _ = dice_surrogate(
                     ev.structure, {w: ev.logq[w]}, ev.costs, ev.extras, ev.signal_grads,
                     params, state or {}, signals=signals)
                 out["signals"][w] = signals[w]
-                out["terms"][w] = surrogate - per_particle.mean()
-                out["costs_total"] = per_particle.mean()
+                out["terms"][w] = surrogate - estimate
+                out["costs_total"] = estimate
 
         def loss_fn(p):
             return recording.loss_with_state(key, p, state, *programs, *a, **kw)

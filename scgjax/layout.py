@@ -80,16 +80,18 @@ class SiteLayout:
         layout: undeclared dims summed, plate axes moved to canonical order, size-1 axes for
         the plates the site is not in. No particle axis."""
         batch = self.batch_shape
-        x = jnp.broadcast_to(x, batch)
+        if jnp.shape(x) != batch:
+            x = jnp.broadcast_to(x, batch)
         axes = self._axes
         block = tuple(a for a in range(len(batch)) if a not in axes.values())
         if block:
             x = x.sum(axis=block)
         kept = sorted(axes, key=axes.get)  # the remaining axes, in their current order
         order = [kept.index(p) for p in self._mine]
-        x = jnp.transpose(x, order) if order else x
-        return jnp.reshape(x, canonical_shape(self.plate_order, dict(zip(self._mine, x.shape,
-                                                                       strict=True))))
+        if order != sorted(order):
+            x = jnp.transpose(x, order)
+        shape = canonical_shape(self.plate_order, dict(zip(self._mine, x.shape, strict=True)))
+        return x if x.shape == shape else jnp.reshape(x, shape)
 
     def to_value(self, x: jax.Array, event: bool = True) -> jax.Array:
         """``(K, *plates)`` to ``(K, *batch', *event')`` (see the module docstring); without

@@ -76,7 +76,7 @@ def site_cost(msg: Message, sign: float = 1.0, log_prob: jax.Array | None = None
     lp = site_log_prob(msg) if log_prob is None else log_prob
     if msg.get("scale") is not None:
         lp = lp * msg["scale"]
-    return sign * lp
+    return lp if sign == 1.0 else -lp if sign == -1.0 else sign * lp
 
 
 def cost_sites(kind: str, traces: Traces) -> list[tuple[str, str, str, float]]:

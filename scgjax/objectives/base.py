@@ -99,10 +99,10 @@ class Objective:
         """The loss from the particles' arrays: minus the DiCE surrogate (what objectives with
         another estimate of their objective, such as a multi-sample bound, override)."""
         signals: dict | None = {} if self.record_signals else None
-        surrogate, per_particle, new_state = dice_surrogate(
+        surrogate, estimate, new_state = dice_surrogate(
             evaluation.structure, evaluation.logq, evaluation.costs, evaluation.extras,
             evaluation.signal_grads, params, state, signals=signals)
-        metrics = {"objective": per_particle.mean()}
+        metrics = {"objective": estimate}
         if signals is not None:
             metrics["learning_signals"] = signals
         return -surrogate, (new_state, metrics)

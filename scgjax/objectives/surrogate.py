@@ -35,7 +35,8 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
                    signal_grads: dict[str, jax.Array], params: dict, state: dict[str, Any],
                    signals: dict[str, jax.Array] | None = None
                    ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-    """Return ``(surrogate, objective estimate per particle, new estimator state)``.
+    """Return ``(surrogate, objective estimate, new estimator state)``; the estimate is the
+    surrogate's value before the estimators' zero-valued terms, averaged over particles.
 
     ``logq`` and ``costs`` hold arrays of shape ``(K, *plates)``; ``extras`` each signal
     node's values and collected arrays; ``signal_grads`` ``dQ/dw`` for the nodes that asked;
@@ -44,19 +45,20 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
     """
     scg = structure.scg
     k = structure.num_particles
-    total = jnp.zeros((k,))
     # Costs of the same shape with the same upstream nodes share one box: sum them first.
     groups: dict[tuple, jax.Array] = {}
     for cid, cost in costs.items():
         upstream = tuple((w, keep) for w, keep in scg.boxes[cid] if w in logq)
         key = (upstream, cost.shape)
         groups[key] = cost if key not in groups else groups[key] + cost
+    parts = []
     for (upstream, _), cost in groups.items():
         if upstream:
             lam = sum(reduce_to(logq[w], keep) for w, keep in upstream)
             cost = magic_box(lam) * cost
-        total = total + cost.reshape(k, -1).sum(axis=1)
-    surrogate = total.mean()
+        parts.append(cost.sum())
+    total = sum(parts) if parts else jnp.zeros(())
+    surrogate = total / k if k > 1 else total
     new_state = dict(state)
     for w in logq:
         node = scg.nodes[w]
@@ -85,4 +87,4 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
         surrogate = surrogate + term
         if "own_cost_shift" in extras[w]:  # see program.own_cost_shift
             surrogate = surrogate + extras[w]["own_cost_shift"].mean()
-    return surrogate, jax.lax.stop_gradient(total), new_state
+    return surrogate, jax.lax.stop_gradient(total / k if k > 1 else total), new_state

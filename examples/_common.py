@@ -9,7 +9,8 @@ same way for all of them:
    held-out part of the train split);
 2. train with :class:`scgjax.SVI` and optax Adam on dynamically binarised mini-batches
    (:class:`Batches`: one jitted gather + binarisation per step, a fresh key each time; the
-   batch is an array argument of ``svi.update``, so the step is compiled once);
+   batches go to ``svi.run(..., batches=...)`` as array arguments, so the step is compiled
+   once);
 3. report the training ELBO (mean over the last steps) and a test-set ELBO
    (:func:`evaluate_elbo`, jitted over test batches);
 4. write ``loss_curve.png``, ``reconstructions.png`` and ``samples.png`` into ``--out``.
@@ -205,46 +206,41 @@ class TrainResult:
 def train(svi: sg.SVI, rng_key: jax.Array, batches: Callable[[], jax.Array], num_steps: int,
           *, progress: bool = True, batch_size: int | None = None,
           label: str = "elbo") -> TrainResult:
-    """Run ``num_steps`` of ``svi.update(state, batch)`` on batches from ``batches()``.
+    """Run ``num_steps`` steps of ``svi`` on mini-batches from ``batches()``, with
+    ``svi.run(..., batches=...)``.
 
-    ``svi.run`` repeats the same arguments every step, so mini-batching needs this loop; it
-    shows the same kind of progress bar (the running ELBO per image when ``batch_size`` is
-    given, shown as ``label``: e.g. ``"L_K"`` under IWAE). The first step, which compiles, is
-    timed apart from the others.
+    The state starts from ``jax.jit(svi.init)`` on the first batch (jitted: faster than
+    running init op by op). The first step, which compiles, is a run of its own, timed apart
+    from the others (both runs check the data of their first batch). One progress bar follows
+    both runs (``svi.run``'s running objective of a batch); at the end it shows the mean
+    over the last steps as ``label`` (e.g. ``"L_K"`` under IWAE), per image when
+    ``batch_size`` is given.
     """
     first = batches()
-    state = jax.jit(svi.init)(rng_key, first)  # jitted: faster than running init op by op
+    state = jax.jit(svi.init)(rng_key, first)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, desc="svi", dynamic_ncols=True)
-    every = max(1, num_steps // 100)
-    scale = 1.0 / batch_size if batch_size else 1.0
-    losses: list[jax.Array] = []
+    shown = bar if bar is not None else False
     start = time.perf_counter()
-    batch = first
-    compile_seconds = 0.0
-    for i in range(num_steps):
-        state, loss = svi.update(state, batch)
-        losses.append(loss)
-        if i == 0:
-            loss.block_until_ready()
-            compile_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-        if bar is not None and (i % every == 0 or i == num_steps - 1):
-            recent = float(np.mean(jax.device_get(losses[-every:])))
-            bar.set_postfix_str(f"{label} {-recent * scale:.2f}")
-            bar.update(i + 1 - bar.n)
-        if i + 1 < num_steps:
-            batch = batches()
-    jax.block_until_ready(state)
+    head = svi.run(None, 1, batches=[first], state=state, progress_bar=shown)
+    jax.block_until_ready(head.state)
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    rest = svi.run(None, num_steps - 1, batches=lambda _: batches(), state=head.state,
+                   progress_bar=shown)
+    jax.block_until_ready(rest.state)
     seconds = time.perf_counter() - start
+    losses = np.concatenate([head.losses, rest.losses])
     if bar is not None:
+        scale = 1.0 / batch_size if batch_size else 1.0
+        recent = float(np.mean(losses[-max(1, num_steps // 100):]))
+        bar.set_postfix_str(f"{label} {-recent * scale:.2f}")
         bar.close()
     per_step = seconds / (num_steps - 1) if num_steps > 1 else float("nan")
-    return TrainResult(state.params, state, np.asarray(jax.device_get(losses)), compile_seconds,
-                       per_step)
+    return TrainResult(rest.params, rest.state, losses, compile_seconds, per_step)
 
 
 @functools.lru_cache(maxsize=16)
@@ -292,17 +288,37 @@ def evaluate_elbo(model: Program, guide: Program, params: dict, images: np.ndarr
     return float(elbo) / n
 
 
+def run_segments(svi: Any, state: Any, bounds: list[int], first: Any,
+                 next_batch: Callable[[], Any], bar: Any, timing: dict[str, float]):
+    """Train with ``svi.run`` from one step count of ``bounds`` to the next (so that the caller
+    can measure between segments, outside the training time), yielding ``(bound, result)``
+    per segment. The first segment trains on ``first``, the others on ``next_batch()`` per
+    step; ``bar`` is a tqdm bar the runs advance (or ``None``). ``timing["compile"]`` gets the
+    first segment's seconds (it compiles the step), ``timing["train"]`` the others' total."""
+    done = 0
+    timing.update(compile=0.0, train=0.0)
+    for bound in bounds:
+        start = time.perf_counter()
+        result = svi.run(None, bound - done, state=state,
+                         batches=[first] if done == 0 else lambda _: next_batch(),
+                         progress_bar=bar if bar is not None else False)
+        state = result.state
+        jax.block_until_ready(state)
+        timing["compile" if done == 0 else "train"] += time.perf_counter() - start
+        yield bound, result
+        done = bound
+
+
 def generate_means(model: Program, params: dict, rng_key: jax.Array, num: int) -> np.ndarray:
     """Bernoulli means of ``"x"`` for ``num`` draws of the latents from the prior.
 
-    Runs ``model(None, num)`` with the trained params; the ``"x"`` site then samples, and its
-    distribution's mean is the image.
+    Runs ``model(None, num)`` with the trained params (``sg.handlers.trace_program``); the
+    ``"x"`` site then samples, and its distribution's mean is the image.
     """
 
     @jax.jit
     def run(params, key):
-        program = sg.handlers.seed(sg.handlers.substitute_unconstrained(model, params), key)
-        return sg.handlers.trace(program).get_trace(None, num)["x"]["fn"].mean
+        return sg.handlers.trace_program(model, key, params, None, num)["x"]["fn"].mean
 
     return np.asarray(run(params, rng_key))
 
@@ -311,19 +327,13 @@ def reconstruct_means(model: Program, guide: Program, params: dict, rng_key: jax
                       x: jax.Array) -> np.ndarray:
     """Bernoulli means of ``"x"`` given latents drawn from the guide ``q(z | x)``.
 
-    The guide runs on ``x`` and the model is replayed at its latents (one posterior sample per
-    image), as in the ELBO.
+    The guide runs on ``x`` and the model is replayed at its latents
+    (``sg.handlers.trace_guided``: one posterior sample per image), as in the ELBO.
     """
 
     @jax.jit
     def run(params, key, x):
-        key_guide, key_model = jax.random.split(key)
-        guide_fn = sg.handlers.seed(sg.handlers.substitute_unconstrained(guide, params),
-                                    key_guide)
-        guide_tr = sg.handlers.trace(guide_fn).get_trace(x)
-        model_fn = sg.handlers.seed(sg.handlers.substitute_unconstrained(model, params),
-                                    key_model)
-        model_tr = sg.handlers.trace(sg.handlers.replay(model_fn, guide_tr)).get_trace(x)
+        model_tr, _ = sg.handlers.trace_guided(model, guide, key, params, x)
         return model_tr["x"]["fn"].mean
 
     return np.asarray(run(params, rng_key, x))

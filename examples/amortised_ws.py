@@ -100,7 +100,6 @@ import argparse
 import dataclasses
 import math
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -388,19 +387,18 @@ def train(built: Built, objective: sg.AmortisedWakeSleep, data: np.ndarray, args
           eval_every: int = 25, desc: str = "alws") -> Run:
     """Train ``built.model`` on minibatches of ``data`` with ``sg.SVI(model, None, adam, obj)``.
 
-    The batch is an array argument of the jitted step, so it compiles once. ``svi.update``
-    returns only the loss (``-surrogate``); every ``eval_every`` steps the step is taken with
-    ``svi.run(key, 1, batch, state=state)`` instead, the same compiled step, which also
-    returns the objective's metrics. ``evaluate(params)`` (the experiment's own numbers) runs
-    before the first step, every ``eval_every`` steps and after the last.
+    ``svi.run(..., batches=...)`` trains from one evaluation to the next (the batch is an
+    array argument of the jitted step, so it compiles once) and returns every step's
+    metrics; ``mean_log_joint`` and ``bandwidth`` are kept at the steps ``i`` with
+    ``i % eval_every == 0`` and at the last. ``evaluate(params)`` (the experiment's own
+    numbers) runs before the first step, every ``eval_every`` steps and after the last. The
+    first step, which compiles, is a run of its own, timed apart.
     """
     svi = sg.SVI(built.model, None, optax.adam(args.lr), objective)
     batches = Minibatches(data, args.batch_size, seed)
-    batch = batches()
-    state = svi.init(jax.random.key(seed), batch)
+    first = batches()
+    state = svi.init(jax.random.key(seed), first)
     init_params = state.params
-    metrics: dict[str, list[float]] = {}
-    metric_steps: list[int] = []
     evals: dict[str, list[float]] = {}
     eval_steps: list[int] = []
 
@@ -416,43 +414,25 @@ def train(built: Built, objective: sg.AmortisedWakeSleep, data: np.ndarray, args
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=desc, dynamic_ncols=True)
-    losses: list[Any] = []
-    every = max(1, steps // 100)
-    start = time.perf_counter()
-    compile_seconds, train_seconds = 0.0, 0.0
-    for i in range(steps):
-        if i % eval_every == 0 or i + 1 == steps:
-            result = svi.run(None, 1, batch, state=state, progress_bar=False)
-            state = result.state
-            losses.append(result.losses[0])
-            for name in ("mean_log_joint", "bandwidth"):
-                metrics.setdefault(name, []).append(float(result.metrics[name][0]))
-            metric_steps.append(i)
-        else:
-            state, loss = svi.update(state, batch)
-            losses.append(loss)
-        if i == 0:
-            jax.block_until_ready(state)
-            compile_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-        if (i + 1) % eval_every == 0 or i + 1 == steps:
-            jax.block_until_ready(state)
-            train_seconds += time.perf_counter() - start
-            record_eval(i + 1, state.params)
-            start = time.perf_counter()
-        if bar is not None and (i % every == 0 or i + 1 == steps):
-            recent = float(np.mean(jax.device_get(losses[-every:])))
-            bar.set_postfix_str(f"surrogate {-recent:.4g}")
-            bar.update(i + 1 - bar.n)
-        batch = batches()
-    jax.block_until_ready(state)
-    train_seconds += time.perf_counter() - start
+    bounds = sorted({1, steps} | set(range(eval_every, steps, eval_every)))
+    history: list[dict[str, np.ndarray]] = []
+    timing: dict[str, float] = {}
+    for bound, result in common.run_segments(svi, state, bounds, first, batches, bar, timing):
+        state = result.state
+        history.append(result.metrics)
+        if bound % eval_every == 0 or bound == steps:
+            record_eval(bound, state.params)
+    losses = np.concatenate([h["loss"] for h in history])
+    metric_steps = np.asarray([i for i in range(steps) if i % eval_every == 0 or i == steps - 1])
+    metrics = {name: np.concatenate([h[name] for h in history])[metric_steps].astype(np.float64)
+               for name in ("mean_log_joint", "bandwidth")}
     if bar is not None:
+        bar.set_postfix_str(f"surrogate {-np.mean(losses[-max(1, steps // 100):]):.4g}")
         bar.close()
+    compile_seconds, train_seconds = timing["compile"], timing["train"]
     per_step = train_seconds / (steps - 1) if steps > 1 else float("nan")
-    return Run(init_params, state.params, -np.asarray(jax.device_get(losses), np.float64),
-               np.asarray(metric_steps), {k: np.asarray(v) for k, v in metrics.items()},
-               np.asarray(eval_steps), {k: np.asarray(v) for k, v in evals.items()},
+    return Run(init_params, state.params, -np.asarray(losses, np.float64), metric_steps,
+               metrics, np.asarray(eval_steps), {k: np.asarray(v) for k, v in evals.items()},
                compile_seconds, per_step, compile_seconds + train_seconds)
 
 

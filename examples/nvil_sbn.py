@@ -105,7 +105,6 @@ import math
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -528,39 +527,25 @@ def train_variant(variant: str, model: Callable, guide: Callable, init: dict, ar
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.steps, desc=variant, dynamic_ncols=True)
-    every = max(1, args.steps // 100)
-    losses: list[jax.Array] = []
-    batch = first
-    train_seconds = compile_seconds = 0.0
-    start = time.perf_counter()
-    for i in range(args.steps):
-        if i in checkpoints:  # the measurement is not part of the training time
-            jax.block_until_ready(state)
-            train_seconds += time.perf_counter() - start if i > 0 else 0.0
-            measure(i)
-            start = time.perf_counter()
-        state, loss = svi.update(state, batch)
-        losses.append(loss)
-        if i == 0:  # compilation
-            loss.block_until_ready()
-            compile_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-        if bar is not None and (i % every == 0 or i == args.steps - 1):
-            recent = float(np.mean(jax.device_get(losses[-every:])))
-            bar.set_postfix_str(f"elbo {-recent / args.batch_size:.2f}")
-            bar.update(i + 1 - bar.n)
-        if i + 1 < args.steps:
-            batch = batches()
-    jax.block_until_ready(state)
-    train_seconds += time.perf_counter() - start
-    if args.steps in checkpoints:
-        measure(args.steps)
+    # svi.run from one checkpoint to the next (the measurements are not part of the training
+    # time); the first step, which compiles, is a segment of its own
+    bounds = sorted({b for b in checkpoints if 0 < b < args.steps} | {1, args.steps})
+    losses: list[np.ndarray] = []
+    measure(0)
+    timing: dict[str, float] = {}
+    for bound, result in common.run_segments(svi, state, bounds, first, batches, bar, timing):
+        state = result.state
+        losses.append(result.losses)
+        if bound in checkpoints:
+            measure(bound)
+    elbo_per_step = -np.concatenate(losses) / args.batch_size
     if bar is not None:
+        bar.set_postfix_str(f"elbo {np.mean(elbo_per_step[-max(1, args.steps // 100):]):.2f}")
         bar.close()
     run.params = state.params
-    run.elbo_per_step = -np.asarray(jax.device_get(losses)) / args.batch_size
-    run.compile_seconds = compile_seconds
-    run.seconds_per_step = train_seconds / (args.steps - 1) if args.steps > 1 else math.nan
+    run.elbo_per_step = elbo_per_step
+    run.compile_seconds = timing["compile"]
+    run.seconds_per_step = timing["train"] / (args.steps - 1) if args.steps > 1 else math.nan
     return run
 
 

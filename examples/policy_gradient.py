@@ -368,7 +368,9 @@ def train_run(variant: str, seed: int, svi: sg.SVI, evaluate: Callable,
     """Train one variant from ``seed`` for ``args.steps`` steps with ``svi.update`` (from
     ``init(key)``, default ``svi.init``; pass ``jax.jit(svi.init)`` to compile it once); evaluate
     the exact return every ``args.eval_every`` steps and the gradient variance at
-    ``args.checkpoints`` evenly spaced steps (0 and the last included)."""
+    ``args.checkpoints`` evenly spaced steps (0 and the last included). The loop calls
+    ``svi.update`` itself: ``svi.run`` between evaluations a few steps apart would spend more
+    time checking the arguments (one un-jitted run of the program per call) than training."""
     key = jax.random.key(seed)
     key_init, key_var = jax.random.split(key)
     state = (init or svi.init)(key_init)

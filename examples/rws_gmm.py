@@ -336,7 +336,9 @@ def train_method(name: str, args: argparse.Namespace, evaluator: Callable[[dict]
     jitted ``svi.update`` as an array, so the step compiles once. Seeds depend only on
     ``args.seed``: every method starts from the same parameters and sees the same data.
     ``seconds_per_step`` times the training steps only (the first step, which compiles, and
-    the evaluations are left out; data sampling is included).
+    the evaluations are left out; data sampling is included). The loop calls ``svi.update``
+    itself: ``svi.run`` between evaluations would add a check of the data (one un-jitted run
+    of the programs, about 20 training steps' time) to every one of them.
     """
     method = METHODS[name]
     model, guide = build(args.clusters, method.estimator(), args.init)

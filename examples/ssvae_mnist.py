@@ -433,6 +433,8 @@ def train(svi: sg.SVI, rng_key: jax.Array, labelled: LabelledBatches,
 
     ``classification(params, x_l, y_l)`` is the classification term of the loss per image
     (before the step, like the loss), subtracted from ``-loss`` to give the training bound.
+    It needs every step's params, so the loop calls ``svi.update`` itself (``svi.run``
+    returns only the final state).
     """
     x_l, y_l = labelled()
     x_u = unlabelled()

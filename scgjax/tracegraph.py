@@ -136,7 +136,7 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
     role = sampling_role(kind)
     found: dict = {}
 
-    def analysis_pass() -> list[jax.Array]:
+    def analysis_pass() -> dict[tuple[str, str], jax.Array]:
         traces = run_marked()
         sampled = {n: m for n, m in traces[role].items() if is_latent(m)}
         costs = cost_sites(kind, traces)
@@ -148,14 +148,17 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
             cost_plates={cid: tuple(f.name for f in traces[r][s]["cond_indep_stack"])
                          for cid, r, s, _ in costs},
         )
-        return ([site_log_prob(m) for m in sampled.values()]
-                + [site_log_prob(traces[r][s]) for _, r, s, _ in costs])
+        # each site's density once: a guide node's log q is also its cost -log q
+        sites = [(role, n) for n in sampled] + [(r, s) for _, r, s, _ in costs]
+        return {site: site_log_prob(traces[site[0]][site[1]]) for site in dict.fromkeys(sites)}
 
     deps = source_dependencies(analysis_pass)
     nodes, costs = found["nodes"], found["costs"]
-    names = list(nodes)
-    parents = {n: deps[i] - {n} for i, n in enumerate(names)}
-    cost_inputs = {cid: deps[len(names) + i] for i, (cid, *_) in enumerate(costs)}
+    sites = list(dict.fromkeys([(role, n) for n in nodes] + [(r, s) for _, r, s, _ in costs]))
+    # outputs are flattened in the sorted order of the dict's keys (pytree order)
+    of_site = dict(zip(sorted(sites), deps, strict=True))
+    parents = {n: of_site[role, n] - {n} for n in nodes}
+    cost_inputs = {cid: of_site[r, s] for cid, r, s, _ in costs}
     cost_nodes = {
         cid: CostNode(cid, site, r, _cost_kind(cid, r, site), sign, found["cost_plates"][cid])
         for cid, r, site, sign in costs

@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 import operator
 import warnings
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,20 @@ from scgjax.params import (
     strong_types,
 )
 
+#: what ``SVI.run(..., batches=...)`` accepts: an iterable of each step's positional arguments
+#: (a tuple, or one argument such as an array), or ``batches(step) -> arguments``
+Batches = Iterable[Any] | Callable[[int], Any]
+
 __all__ = ["SVI", "SVIState", "SVIRunResult"]
+
+
+class ProgressBar(Protocol):
+    """What :meth:`SVI.run` needs of a progress bar passed as ``progress_bar=`` (a tqdm bar
+    has it)."""
+
+    def update(self, n: int) -> Any: ...
+
+    def set_postfix_str(self, s: str) -> Any: ...
 
 
 class SVIState(NamedTuple):
@@ -41,7 +54,15 @@ class SVIState(NamedTuple):
 
 
 class SVIRunResult(NamedTuple):
-    """What :meth:`SVI.run` returns: final params and state, and the per-step history."""
+    """What :meth:`SVI.run` returns: final params and state, and the per-step history.
+
+    ``losses`` is the loss of every step (float32, shape ``(num_steps,)``). ``metrics`` maps
+    each metric of the objective (``"loss"``, ``"objective"``, ...) to a numpy array of shape
+    ``(num_steps,)`` when the metric is a scalar; a metric that is not a scalar (e.g.
+    ``"learning_signals"`` of an objective with ``record_signals = True``) is kept at the last
+    step only, as its value there (numpy leaves). The history lives on the host: its size is
+    a few bytes per step, whatever the length of the run.
+    """
 
     params: dict
     state: SVIState
@@ -97,7 +118,12 @@ class SVI:
         self.optimizer = optimizer
         self.objective = objective
         self.programs = (model,) if guide is None else (model, guide)
+        # the jitted step per static signature of the arguments (their tree structure and
+        # non-array leaves): ``step(state, arrays) -> (state, metrics)``
         self._jitted: dict = {}
+        # the same steps by the types of the positional arguments, when each is one array
+        # and there are no keyword arguments: a dispatch that flattens nothing
+        self._by_types: dict[tuple[type, ...], Callable] = {}
 
     def init(self, rng_key: Any, *args, init_params_: dict | None = None, **kwargs
              ) -> SVIState:
@@ -109,7 +135,8 @@ class SVI:
         key = handlers.as_prng_key(rng_key)
         self._check_arguments(key, init_params_, args, kwargs)
         state = self._init(key, args, kwargs, init_params_)
-        self._check_data(state.params, args, kwargs)
+        if not self.objective.init_state_checks_data:  # else init_state's run checked them
+            self._check_data(state.params, args, kwargs)
         return state
 
     def _check_data(self, params: dict, args: tuple, kwargs: dict) -> None:
@@ -147,21 +174,57 @@ class SVI:
         return SVIState(params, opt_state, est_state, key), {"loss": loss, **metrics}
 
     def update(self, state: SVIState, *args, **kwargs) -> tuple[SVIState, jax.Array]:
-        """One jitted training step; returns the new state and the loss before the step."""
+        """One jitted training step; returns the new state and the loss before the step.
+
+        The step is compiled once per static signature of the arguments (their tree structure
+        and non-array leaves) and reused for arrays of the same shapes; when every argument is
+        one array, finding it costs a dictionary look-up (no flattening)."""
+        if not kwargs:
+            step = self._by_types.get(tuple(map(type, args)))
+            if step is not None:
+                state, metrics = step(state, list(args))
+                return state, metrics["loss"]
         state, metrics = self._update(state, args, kwargs)
         return state, metrics["loss"]
 
     def _update(self, state: SVIState, args: tuple, kwargs: dict) -> tuple[SVIState, dict]:
-        arrays, rebuild = split_static((args, kwargs))
-        static_key = _static_key(rebuild([None] * len(arrays)))
-        step = self._jitted.get(static_key)
+        if not kwargs:
+            step = self._by_types.get(tuple(map(type, args)))
+            if step is not None:
+                return step(state, list(args))
+        step, arrays = self._compiled(args, kwargs)
+        return step(state, arrays)
+
+    def _compiled(self, args: tuple, kwargs: dict) -> tuple[Callable, list]:
+        """The jitted step for these arguments' static signature, and their array leaves.
+
+        Array leaves (``jax.Array``, ``np.ndarray``) are the step's inputs; any other leaf
+        (an int, a string, a function) is static: part of the cache key, by value (with its
+        type, so that ``1``, ``1.0`` and ``True`` differ) or, when unhashable, by identity."""
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        dynamic = [_is_array(x) for x in leaves]
+        static = tuple(None if d else (type(x), x) for x, d in zip(leaves, dynamic,
+                                                                     strict=True))
+        try:
+            key = (treedef, static)
+            hash(key)
+        except TypeError:
+            key = (treedef, tuple(None if s is None else (s[0], id(s[1])) for s in static))
+        step = self._jitted.get(key)
         if step is None:
-            def step(state, arrays):
-                a, kw = rebuild(arrays)
+            def step(state: SVIState, arrays: list) -> tuple[SVIState, dict]:
+                it = iter(arrays)
+                a, kw = jax.tree.unflatten(treedef, [next(it) if s is None else s[1]
+                                                     for s in static])
                 return self._step(state, a, kw)
 
-            step = self._jitted[static_key] = jax.jit(step)
-        return step(state, arrays)
+            step = self._jitted[key] = jax.jit(step)
+        types = tuple(map(type, args))
+        if not kwargs and all(t in _ARRAY_TYPES for t in types):
+            # each positional argument is an array of a type whose values all are (a leaf):
+            # the types say it all
+            self._by_types[types] = step
+        return step, [x for x, d in zip(leaves, dynamic, strict=True) if d]
 
     def get_params(self, state: SVIState, *args, **kwargs) -> dict:
         """The *constrained* params of ``state`` (what ``sg.param`` returns inside the
@@ -197,13 +260,30 @@ class SVI:
         return self.objective.loss_with_state(key, state.params, state.estimator_state,
                                               *self.programs, *args, **kwargs)[0]
 
-    def run(self, rng_key: Any, num_steps: int, *args, progress_bar: bool = True,
-            state: SVIState | None = None, log_every: int | None = None,
-            stop_on_nonfinite: bool = True, **kwargs) -> SVIRunResult:
+    def run(self, rng_key: Any, num_steps: int, *args, batches: Batches | None = None,
+            progress_bar: bool | ProgressBar = True, state: SVIState | None = None,
+            log_every: int | None = None, stop_on_nonfinite: bool = True, **kwargs
+            ) -> SVIRunResult:
         """Run ``num_steps`` steps; show a progress bar with the running objective.
 
         Returns the final params and state, the loss of every step and the history of the
-        objective's metrics.
+        objective's metrics (:class:`SVIRunResult`; kept on the host, a few bytes per step).
+
+        Every step gets the same ``*args`` and ``**kwargs``, unless ``batches=`` gives each
+        step its own positional arguments (mini-batches); ``kwargs`` stay fixed. ``batches``
+        is either
+
+        - an iterable (a list, a generator, an array iterated along its first axis, ...)
+          yielding one item per step, or
+        - a callable, ``batches(step)`` with ``step`` counting from 0 in this run;
+
+        an item is the step's positional arguments: a tuple, or any other value (an array)
+        meaning that one argument. Giving both ``*args`` and ``batches`` is a ``TypeError``.
+        A finite iterable must last ``num_steps`` steps: one that runs out is a ``ValueError``
+        naming the step (before training when its length is known; wrap a list in
+        ``itertools.cycle`` to repeat it). Batches of the same shapes reuse one compiled
+        step (an incomplete last batch compiles another). The initial params and the checks of
+        the arguments below use the first batch only; the others go straight to the step.
 
         Non-finite values are reported, never trained on silently:
 
@@ -218,70 +298,145 @@ class SVI:
           state, such as a moving-average baseline, is not poisoned), and ``err.result`` the
           history of the steps before it. The losses are checked every ``log_every`` steps
           (no extra synchronisation per step); on a failure the steps since the last check
-          are replayed, deterministically, to find the first bad one.
+          are replayed, deterministically and on their own batches, to find the first bad
+          one (the batches since the last check are kept for that, up to about 64 MiB of
+          them: large batches are checked more often).
 
         ``stop_on_nonfinite=False`` keeps training whatever the loss.
 
+        ``progress_bar`` is ``True`` (a tqdm bar of this run's steps, when tqdm is installed),
+        ``False``, or a bar made by the caller (anything with tqdm's ``update(n)`` and
+        ``set_postfix_str(s)``): the run advances it by its steps and leaves it open, so that
+        one bar can follow several runs (training in segments, with evaluations between).
+
         With ``state=`` (to resume), ``rng_key`` is not used: the state carries its own key, so
         a resumed run continues the same random stream.
+
+        The metrics reach the host every ``log_every`` steps (default: a hundredth of the run):
+        stacked on the device, up to 128 steps per array, and fetched with one
+        ``jax.device_get``, so that the history holds no device memory and no step waits for
+        its own transfer.
+
+        Example: mini-batches of 100 of 1,000 points, from a function of the step (a
+        ``subsample_size`` plate scales their log-likelihood to the whole data set).
+
+            >>> import jax, jax.numpy as jnp, optax, scgjax as sg
+            >>> from scgjax import dist
+            >>> data = 2.0 + jax.random.normal(jax.random.key(0), (1000,))
+            >>> def model(x):
+            ...     z = sg.sample("z", dist.Normal(0.0, 10.0))
+            ...     with sg.plate("data", 1000, subsample_size=x.shape[0]):
+            ...         sg.sample("x", dist.Normal(z, 1.0), obs=x)
+            >>> def guide(x):
+            ...     sg.sample("z", dist.Normal(sg.param("m", 0.0), 0.03))
+            >>> def batch(step):
+            ...     key = jax.random.fold_in(jax.random.key(1), step)
+            ...     return data[jax.random.choice(key, 1000, (100,), replace=False)]
+            >>> svi = sg.SVI(model, guide, optax.adam(0.05), sg.ELBO())
+            >>> result = svi.run(jax.random.key(2), 400, batches=batch, progress_bar=False)
+            >>> abs(float(result.params["m"]) - float(data.mean())) < 0.1
+            True
+
+        The same with an iterable: the data cut into 10 batches, repeated (``itertools.cycle``),
+        each item one positional argument; ``result.losses`` has one loss per step.
+
+            >>> import itertools
+            >>> epochs = itertools.cycle(data.reshape(10, 100))
+            >>> result = svi.run(jax.random.key(2), 400, batches=epochs, progress_bar=False)
+            >>> abs(float(result.params["m"]) - float(data.mean())) < 0.1, result.losses.shape
+            (True, (400,))
         """
         self._check_numpyro_keywords(kwargs)
         num_steps = _check_count(num_steps, "num_steps", 0)
         if log_every is not None:
             log_every = _check_count(log_every, "log_every", 1)
+        source = None
+        if batches is not None:
+            if args:
+                raise TypeError(
+                    f"SVI.run got {len(args)} positional argument{'s' if len(args) > 1 else ''}"
+                    " for the programs and batches=: with batches=, each step's positional "
+                    "arguments come from batches (keyword arguments stay fixed); pass one or "
+                    "the other")
+            source = _BatchSource(batches, num_steps)
+            if num_steps > 0 or state is None:  # the first batch: the initial params, checks
+                args = source(0)
         if state is None:
             key = handlers.as_prng_key(rng_key)
             self._check_arguments(key, None, args, kwargs)
             state = self._init(key, args, kwargs, None)
-        else:
+            if not self.objective.init_state_checks_data:
+                self._check_data(state.params, args, kwargs)
+        elif source is None or num_steps > 0:  # (resuming for no step: no batch to check)
             self._check_arguments(state.rng_key, state.params, args, kwargs)
-        self._check_data(state.params, args, kwargs)
-        losses = np.empty(num_steps, dtype=np.float32)
-        history: dict[str, list] = {}
-        bar = _progress(num_steps, progress_bar)
+            self._check_data(state.params, args, kwargs)
+        history = _History(num_steps)
+        own_bar = isinstance(progress_bar, (bool, np.bool_))
+        bar = _progress(num_steps, bool(progress_bar)) if own_bar else progress_bar
+        shown = 0  # steps shown on the bar
         every = log_every or max(1, num_steps // 100)
         good, good_step = state, 0  # the last state known to be finite, and its step
-        for i in range(num_steps):
-            state, metrics = self._update(state, args, kwargs)
-            for name, value in metrics.items():
-                history.setdefault(name, []).append(value)
-            if i % every == 0 or i == num_steps - 1:
-                if stop_on_nonfinite:
-                    recent = np.asarray(jax.device_get(history["loss"][good_step:]))
-                    if not (np.isfinite(recent).all() and bool(_all_finite(state))):
-                        if bar is not None:
-                            bar.close()
-                        raise self._nonfinite_error(good, good_step, i + 1, history, args,
-                                                    kwargs)
-                    good, good_step = state, i + 1
-                if bar is not None:
-                    running = float(np.mean(jax.device_get(history["loss"][-every:])))
-                    bar.set_postfix_str(f"objective {-running:.4g}")
-                    bar.update(i + 1 - bar.n)
-        if bar is not None:
-            bar.close()
-        metric_arrays = {k: np.asarray(jax.device_get(v)) for k, v in history.items()}
+        # each step's arguments since ``good_step`` (to replay them after a non-finite loss)
+        recent: list[tuple] = []
+        keep = stop_on_nonfinite and source is not None
+        # at most about _KEPT_BYTES of them: a check comes sooner when batches are large
+        keep_for = num_steps
+        if keep:
+            size = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(args))
+            keep_for = max(1, _KEPT_BYTES // max(1, size))
+        step_args = args
+        try:
+            for i in range(num_steps):
+                if i > 0 and source is not None:
+                    step_args = source(i)
+                if keep:
+                    recent.append(step_args)
+                state, metrics = self._update(state, step_args, kwargs)
+                history.append(metrics)
+                if i % every == 0 or i == num_steps - 1 or len(recent) >= keep_for:
+                    losses = history.flush()
+                    if stop_on_nonfinite:
+                        if not (np.isfinite(losses[good_step:i + 1]).all()
+                                and bool(_all_finite(state))):
+                            args_at = ((lambda j: args) if source is None else
+                                       (lambda j, start=good_step: recent[j - start]))
+                            raise self._nonfinite_error(good, good_step, i + 1, history, args_at,
+                                                        kwargs)
+                        good, good_step = state, i + 1
+                        recent.clear()
+                    if bar is not None:
+                        running = float(np.mean(losses[max(0, i + 1 - every):i + 1]))
+                        bar.set_postfix_str(f"objective {-running:.4g}")
+                        bar.update(i + 1 - shown)
+                        shown = i + 1
+        finally:  # an error (batches that run out, a non-finite loss) closes it too
+            if bar is not None and own_bar:
+                bar.close()
+        metric_arrays = history.result(num_steps)
+        losses = np.empty(num_steps, dtype=np.float32)
         losses[:] = metric_arrays.get("loss", losses)
         return SVIRunResult(state.params, state, losses, metric_arrays)
 
-    def _nonfinite_error(self, good: SVIState, good_step: int, end: int, history: dict,
-                         args: tuple, kwargs: dict) -> NonFiniteError:
+    def _nonfinite_error(self, good: SVIState, good_step: int, end: int, history: _History,
+                         args_at: Callable[[int], tuple], kwargs: dict) -> NonFiniteError:
         """The error of :meth:`run` when a step in ``[good_step, end)`` was not finite.
 
         Replays the steps from ``good`` (the state before ``good_step``) with the same
-        compiled step until one has a non-finite loss or leaves non-finite params or
-        estimator state, then explains that step at the state before it, with its key."""
-        finite = np.isfinite(np.asarray(jax.device_get(history["loss"][good_step:end])))
+        compiled step, on each step's arguments (``args_at(step)``), until one has a
+        non-finite loss or leaves non-finite params or estimator state, then explains that
+        step at the state before it, with its key."""
+        finite = np.isfinite(history.flush()[good_step:end])
         # the first step with a non-finite loss, or the last one (the state went bad)
         noted = good_step + (int(np.argmin(finite)) if not finite.all() else len(finite) - 1)
         state, bad, loss, after = good, noted, float("nan"), None
         for j in range(good_step, noted + 1):
-            new, metrics = self._update(state, args, kwargs)
+            new, metrics = self._update(state, args_at(j), kwargs)
             loss = float(metrics["loss"])
             if not np.isfinite(loss) or not bool(_all_finite(new)) or j == noted:
                 bad, after = j, new
                 break
             state = new
+        args = args_at(bad)
         step_key = jax.random.split(state.rng_key)[1]
         try:
             explanation = explain_nonfinite(
@@ -306,7 +461,7 @@ class SVI:
             head = f"SVI.run: the loss became non-finite ({loss}) at step {bad}"
         cause = unexplained if first is None else \
             f"; the first non-finite quantity at that step: {first}"
-        metrics = {k: np.asarray(jax.device_get(v[:bad])) for k, v in history.items()}
+        metrics = history.result(bad, scalars_only=True)
         result = SVIRunResult(state.params, state, metrics.get(
             "loss", np.empty(0, np.float32)).astype(np.float32), metrics)
         site = first.site if first is not None else None if entry is None else entry[1]
@@ -486,13 +641,136 @@ def _site_receiving_nonfinite(model: Callable, guide: Callable | None, key: jax.
     return None
 
 
-def _static_key(tree: Any) -> Any:
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
-    try:
-        hash(tuple(leaves))
-        return treedef, tuple(leaves)
-    except TypeError:
-        return treedef, tuple(id(x) for x in leaves)
+#: the types whose every value is an array argument (``jax.Array`` subclasses, keys
+#: included, and ``np.ndarray``); a tracer is one too, by ``isinstance`` only
+_ARRAY_TYPES: set[type] = set()
+
+
+def _is_array(x: Any) -> bool:
+    """Whether ``x`` is an array argument (``jax.Array``, tracers included, or
+    ``np.ndarray``): an input of the jitted step; other leaves are static."""
+    cls = type(x)
+    if cls in _ARRAY_TYPES:
+        return True
+    if issubclass(cls, (jax.Array, np.ndarray)):
+        _ARRAY_TYPES.add(cls)
+        return True
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+class _BatchSource:
+    """Each step's positional arguments from ``SVI.run(..., batches=...)`` (see there)."""
+
+    def __init__(self, batches: Batches, num_steps: int):
+        self.num_steps = num_steps
+        self._fn: Callable[[int], Any] | None = None
+        self._it: Iterator[Any] | None = None
+        if callable(batches):
+            self._fn = batches
+            return
+        try:
+            self._it = iter(batches)
+        except TypeError:
+            raise TypeError("batches must be an iterable of each step's positional arguments "
+                            "(a tuple, or one argument such as an array) or a callable "
+                            f"batches(step), got {type(batches).__name__}") from None
+        try:
+            size = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            return  # an iterator: how long it lasts is found out step by step
+        if size < num_steps:
+            raise ValueError(f"batches has {size} item{'' if size == 1 else 's'} but "
+                             f"num_steps={num_steps}: pass num_steps={size}, more batches, or "
+                             "itertools.cycle(batches) to repeat them")
+
+    def __call__(self, step: int) -> tuple:
+        if self._fn is not None:
+            item = self._fn(step)
+        else:
+            try:
+                item = next(self._it)  # type: ignore[arg-type]
+            except StopIteration:
+                raise ValueError(
+                    f"SVI.run: batches ran out at step {step} (counting from 0 in this run): "
+                    f"it yielded {step} batch{'' if step == 1 else 'es'} for num_steps="
+                    f"{self.num_steps}; pass num_steps={step}, a longer iterable, or "
+                    "itertools.cycle(...) of a list of batches to repeat them") from None
+        return item if isinstance(item, tuple) else (item,)
+
+
+#: the most steps whose metrics are stacked into one device array before their transfer
+_CHUNK = 128
+#: about the most bytes of batches that SVI.run keeps to replay the steps since its last
+#: check of the losses (it checks sooner rather than keep more)
+_KEPT_BYTES = 64 * 2**20
+
+
+@jax.jit
+def _stack_chunk(chunk: list[dict]) -> dict:
+    """One array per scalar metric, stacked over the steps of ``chunk``."""
+    return {k: jnp.stack([m[k] for m in chunk]) for k in chunk[0]}
+
+
+class _History:
+    """The metrics of :meth:`SVI.run`'s steps, kept on the host.
+
+    Scalar metrics go to numpy arrays of the run's length; every ``_CHUNK`` steps those not
+    yet moved are stacked on the device (one asynchronous call, padded to a power of two so
+    that few sizes compile) and :meth:`flush` moves the stacked chunks to the host in one
+    ``jax.device_get``. A metric that is not a scalar is kept at the last step only."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.done = 0  # steps whose metrics are on the host
+        self.scalars: list[str] | None = None  # the names of the scalar metrics
+        self.pending: list[dict] = []  # scalar metrics of the steps not yet stacked
+        self.stacked: list[tuple[int, dict]] = []  # (steps, device arrays), not yet fetched
+        self.host: dict[str, np.ndarray] = {}
+        self.last: dict[str, Any] = {}  # the non-scalar metrics of the last step
+
+    def append(self, metrics: dict) -> None:
+        if self.scalars is None:
+            self.scalars = [k for k, v in metrics.items()
+                            if isinstance(v, jax.Array) and v.ndim == 0]
+        scalars = self.scalars
+        self.pending.append({k: metrics[k] for k in scalars})
+        if len(scalars) < len(metrics):
+            self.last = {k: v for k, v in metrics.items() if k not in scalars}
+        if len(self.pending) == _CHUNK:
+            self._stack()
+
+    def _stack(self) -> None:
+        n = len(self.pending)
+        if n:
+            size = 1 << (n - 1).bit_length()  # the next power of two
+            chunk = self.pending + [self.pending[-1]] * (size - n)
+            self.stacked.append((n, _stack_chunk(chunk)))
+            self.pending = []
+
+    def flush(self) -> np.ndarray:
+        """Move every step's metrics to the host; return the losses so far."""
+        self._stack()
+        if self.stacked:
+            fetched = jax.device_get([arrays for _, arrays in self.stacked])
+            for (n, _), arrays in zip(self.stacked, fetched, strict=True):
+                for name, values in arrays.items():
+                    if name not in self.host:
+                        self.host[name] = np.empty(self.num_steps, values.dtype)
+                    self.host[name][self.done:self.done + n] = values[:n]
+                self.done += n
+            self.stacked = []
+        return self.host.get("loss", np.empty(self.num_steps, np.float32))[:self.done]
+
+    def result(self, steps: int, *, scalars_only: bool = False) -> dict[str, Any]:
+        """The metrics of the first ``steps`` steps (see :class:`SVIRunResult`)."""
+        self.flush()
+        if self.scalars is None:
+            return {}
+        out: dict[str, Any] = {k: v if steps == len(v) else v[:steps].copy()
+                               for k, v in self.host.items()}
+        if not scalars_only:
+            out.update(jax.device_get(self.last))
+        return out
 
 
 def _progress(total: int, enabled: bool):

@@ -357,6 +357,8 @@ class AmortisedWakeSleep(Objective):
                 f"ridge={self.ridge}, bandwidth={self.bandwidth}, num_heldout={self.num_heldout}, "
                 f"joint_at_data={self.joint_at_data})")
 
+    init_state_checks_data = False
+
     def init_state(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> dict:
         """No state: every step draws fresh sleep samples."""
         self._programs(fns_and_args[:1])

@@ -49,6 +49,9 @@ class Objective:
     """
 
     kind: str = program.GUIDED
+    #: :meth:`init_state` runs the programs on the concrete arguments (``sg.SVI`` then needs
+    #: no separate run to check the data)
+    init_state_checks_data: bool = True
     #: also return each node's learning signal ``Q_w`` as ``metrics["learning_signals"]``
     #: (for diagnostics; off in training, where metrics are kept for every step)
     record_signals: bool = False
@@ -83,10 +86,18 @@ class Objective:
                                self.num_particles, self.default_estimator)
 
     def init_state(self, rng_key: Any, params: dict, *fns_and_args, **kwargs) -> dict:
-        """Initial estimator state, one entry per score-estimated site."""
-        scg = self.structure(rng_key, params, *fns_and_args, **kwargs).scg
-        return {n: node.estimator.init_state() for n, node in scg.nodes.items()
-                if node.estimator.uses_signal}
+        """Initial estimator state, one entry per site whose estimator uses its learning
+        signal. The program(s) run once (un-jitted when the arguments are concrete, so that
+        their observed values are checked: ``init_state_checks_data``)."""
+        n = 1 if self.kind == program.SINGLE else 2
+        programs = self._programs(fns_and_args[:n])
+        traces = program.run(self.kind, handlers.as_prng_key(rng_key), params, programs,
+                             fns_and_args[n:], kwargs, self.num_particles,
+                             default=self.default_estimator)
+        sampled = traces[program.sampling_role(self.kind)]
+        return {name: msg["estimator"].init_state() for name, msg in sampled.items()
+                if msg["type"] == "sample" and not msg["is_observed"]
+                and msg["estimator"].uses_signal}
 
     def loss_with_state(self, rng_key: Any, params: dict, state: dict | None, *fns_and_args,
                         **kwargs) -> tuple[jax.Array, tuple[dict, dict]]:

@@ -81,6 +81,8 @@ def check_supports(name: str, guide_fn: Any, model_fn: Any) -> None:
     without the program's values (supports with traced bounds are not checked).
     """
     g, m = guide_fn.support, model_fn.support
+    if g is m:  # one constraint object (e.g. constraints.real): nothing to check
+        return
     if m.is_discrete and not g.is_discrete:
         raise SiteError(
             name, f"is discrete in the model ({type(model_fn).__name__}, support {m}) but "

@@ -138,10 +138,11 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
     # The model's key only matters for sites the guide does not replay (rare); derived
     # lazily so that XLA drops it when unused.
     key_model = jax.random.fold_in(rng_key, 1)
-    model_fn = handlers.substitute_unconstrained(model, params)
+    # replay inside seed: the replayed sites need no key of their own
+    model_fn = handlers.replay(transform_like(handlers.substitute_unconstrained(model, params),
+                                              guide_tr), guide_tr)
     model_fn = handlers.seed(handlers.same_plate_sizes(model_fn, plate_sizes, "model"),
                              key_model)
-    model_fn = handlers.replay(transform_like(model_fn, guide_tr), guide_tr)
     model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
     check_guided(model_tr, guide_tr)
     return {"guide": guide_tr, "model": model_tr}

@@ -68,6 +68,29 @@ def validate_concrete_sample(log_prob_fn: Any) -> Any:
     return log_prob
 
 
+def log_prob_in_support(fn: Any, value: Any) -> Any:
+    """``fn.log_prob(value)`` without numpyro's support check, for a ``value`` known to lie in
+    ``fn``'s support (drawn from ``fn``, or from a distribution with the very same support).
+
+    numpyro validates by default: every ``log_prob`` becomes ``where(support(value), lp,
+    -inf)``, which for values that lie in the support by construction only adds work to the
+    jitted step (about half the CPU time of a small step on XLA:CPU). The flag is switched off
+    on ``fn`` and the distributions it wraps for the call, and restored.
+    """
+    chain = []
+    inner = fn
+    while inner is not None and hasattr(inner, "_validate_args"):
+        chain.append((inner, inner._validate_args))
+        inner = getattr(inner, "base_dist", None)
+    try:
+        for d, _ in chain:
+            d._validate_args = False
+        return fn.log_prob(value)
+    finally:
+        for d, flag in chain:
+            d._validate_args = flag
+
+
 class BernoulliLogits(_nd.BernoulliLogits):
     """Bernoulli with logits ``l``: ``log p(y) = l y - softplus(l)`` (right gradient at 0).
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from scgjax.dist import log_prob_in_support
 from scgjax.errors import SiteError
 from scgjax.primitives import Message, Messenger
 from scgjax.provenance import source, source_dependencies
@@ -52,8 +53,14 @@ def is_latent(msg: Message) -> bool:
 
 
 def site_log_prob(msg: Message) -> jax.Array:
-    """``log fn(value)`` of a sample site, broadcast to its batch shape, 0 where masked."""
-    lp = msg["fn"].log_prob(msg["value"])
+    """``log fn(value)`` of a sample site, broadcast to its batch shape, 0 where masked.
+
+    A site whose message says ``in_support`` (its value was drawn from its distribution, or
+    from one with the very same support) skips numpyro's support check."""
+    if msg.get("in_support"):
+        lp = log_prob_in_support(msg["fn"], msg["value"])
+    else:
+        lp = msg["fn"].log_prob(msg["value"])
     lp = jnp.broadcast_to(lp, tuple(msg["fn"].batch_shape))
     if msg.get("mask") is not None:
         lp = jnp.where(msg["mask"], lp, 0.0)

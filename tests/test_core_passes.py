@@ -153,3 +153,32 @@ def test_particle_chunk_is_checked_and_refused_by_coupled_particles():
     params = sg.init_params(0, model, disarm_guide, x)
     with pytest.raises(sg.SiteError, match="'z' uses DisARM, which couples the particles"):
         sg.ELBO(num_particles=4, particle_chunk=2).loss(0, params, model, disarm_guide, x)
+
+
+def _guards(loss, *args) -> int:
+    """``select_n`` equations in the jaxpr: numpyro's support checks ``where(ok, lp, -inf)``."""
+    return str(jax.make_jaxpr(loss)(*args)).count("select_n")
+
+
+def test_sampled_values_skip_the_support_check_and_data_keep_it():
+    """Guide draws (and model sites replayed from the same support) lie in the support by
+    construction: their densities skip numpyro's check (half a small step's CPU time); an
+    observed value in a jitted step keeps it, so bad data give -inf, not a wrong number."""
+    guide = lambda x: sg.sample("z", dist.Normal(sg.param("m", 0.0), 1.0))
+
+    def latent_only(x):
+        sg.sample("z", dist.Normal(0.0, 1.0))
+
+    def with_data(x):
+        z = sg.sample("z", dist.Normal(0.0, 1.0))
+        with sg.plate("data", x.shape[0]):
+            sg.sample("x", dist.Exponential(jnp.exp(z)), obs=x)
+
+    x = jnp.array([0.5, 1.0, 2.0])
+    params = {"m": jnp.zeros(())}
+    elbo = sg.ELBO()
+    loss = lambda model: (lambda p, x: elbo.loss(jax.random.key(0), p, model, guide, x))
+    assert _guards(loss(latent_only), params, x) == 0
+    assert _guards(loss(with_data), params, x) >= 1
+    bad = jax.jit(loss(with_data))(params, jnp.array([0.5, -1.0, 2.0]))  # -1: not positive
+    assert bool(jnp.isinf(bad))

@@ -56,6 +56,8 @@ def check_guided(model_tr: dict, guide_tr: dict) -> None:
         if other["is_observed"]:
             raise SiteError(name, "is sampled by the guide, but the model observes it")
         check_supports(name, msg["fn"], other["fn"])
+        if msg.get("in_support") and msg["fn"].support is other["fn"].support:
+            other["in_support"] = True  # replayed from the same support: no check needed
     for name, msg in model_tr.items():
         if is_latent(msg) and name not in guide_tr:
             raise SiteError(

@@ -88,6 +88,9 @@ class estimate(Messenger):
             msg["value"] = jnp.broadcast_to(support, fn.batch_shape)
         elif msg["kwargs"].get("rng_key") is not None:  # else: the default's missing-key error
             msg["value"] = est.sample(msg["kwargs"]["rng_key"], fn)
+        else:
+            return
+        msg["in_support"] = True  # drawn from fn: its log_prob needs no support check
 
     def postprocess_message(self, msg: Message) -> None:
         if msg["type"] == "sample" and msg["name"] in self.probes:

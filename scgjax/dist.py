@@ -68,6 +68,25 @@ def validate_concrete_sample(log_prob_fn: Any) -> Any:
     return log_prob
 
 
+def wrapper_chain(fn: Any) -> list[Any]:
+    """``fn`` and every distribution it wraps (``base_dist`` of ``.to_event``, ``.expand``,
+    ``.mask``, transformed distributions), outermost first: the one walk over wrappers.
+
+    Example:
+        >>> [type(d).__name__ for d in wrapper_chain(Normal(0.0, 1.0).expand([3]).to_event(1))]
+        ['Independent', 'ExpandedDistribution', 'Normal']
+    """
+    chain = [fn]
+    while hasattr(chain[-1], "base_dist"):
+        chain.append(chain[-1].base_dist)
+    return chain
+
+
+def innermost(fn: Any) -> Any:
+    """The distribution at the bottom of ``fn``'s wrappers (see :func:`wrapper_chain`)."""
+    return wrapper_chain(fn)[-1]
+
+
 def log_prob_in_support(fn: Any, value: Any) -> Any:
     """``fn.log_prob(value)`` without numpyro's support check, for a ``value`` known to lie in
     ``fn``'s support (drawn from ``fn``, or from a distribution with the very same support).
@@ -77,11 +96,7 @@ def log_prob_in_support(fn: Any, value: Any) -> Any:
     jitted step (about half the CPU time of a small step on XLA:CPU). The flag is switched off
     on ``fn`` and the distributions it wraps for the call, and restored.
     """
-    chain = []
-    inner = fn
-    while inner is not None and hasattr(inner, "_validate_args"):
-        chain.append((inner, inner._validate_args))
-        inner = getattr(inner, "base_dist", None)
+    chain = [(d, d._validate_args) for d in wrapper_chain(fn) if hasattr(d, "_validate_args")]
     try:
         for d, _ in chain:
             d._validate_args = False

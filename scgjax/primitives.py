@@ -274,11 +274,8 @@ def _kept_elements(msg: Message, shape: tuple[int, ...]) -> np.ndarray | None:
     ``MaskedDistribution``), broadcast to ``shape``; ``None`` when not known concretely."""
     keep = np.ones(shape, bool)
     masks = [msg.get("mask")]
-    fn = msg["fn"]
-    while hasattr(fn, "base_dist"):
-        if isinstance(fn, _dist.MaskedDistribution):
-            masks.append(fn._mask)
-        fn = fn.base_dist
+    masks += [d._mask for d in _dist.wrapper_chain(msg["fn"])
+              if isinstance(d, _dist.MaskedDistribution)]
     for m in masks:
         if m is None or m is True:
             continue

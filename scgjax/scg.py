@@ -36,6 +36,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from scgjax.dist import innermost
 from scgjax.errors import SiteError
 from scgjax.layout import SiteLayout
 from scgjax.primitives import Message
@@ -283,7 +284,4 @@ def _support_size(fn: Any) -> int | None:
 
 
 def _describe(fn: Any) -> str:
-    inner = fn
-    while hasattr(inner, "base_dist"):
-        inner = inner.base_dist
-    return type(inner).__name__ + (".to_event" if fn.event_shape else "")
+    return type(innermost(fn)).__name__ + (".to_event" if fn.event_shape else "")

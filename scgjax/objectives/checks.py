@@ -17,15 +17,15 @@ import numpy as np
 from numpyro.distributions import biject_to
 
 from scgjax import handlers
+from scgjax.dist import innermost
 from scgjax.errors import SiteError
 from scgjax.primitives import Message
 from scgjax.tracegraph import GUIDED, is_latent
 
 
 def is_delta(fn: Any) -> bool:
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return type(fn).__name__ == "Delta"
+    """Whether ``fn`` is a point mass (possibly wrapped)."""
+    return type(innermost(fn)).__name__ == "Delta"
 
 
 def check_enumerated_batch(msg: Message) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
 from scgjax.objectives import program
 from scgjax.objectives.base import Objective
 
@@ -32,6 +37,7 @@ class ELBO(Objective):
 
     kind = program.GUIDED
 
-    def loss(self, rng_key, params, model, guide, *args, **kwargs):
+    def loss(self, rng_key: Any, params: dict, model: Callable, guide: Callable, *args: Any,
+             **kwargs: Any) -> jax.Array:
         """``-ELBO`` estimate; ``jax.grad`` of it estimates ``-grad ELBO``."""
         return super().loss(rng_key, params, model, guide, *args, **kwargs)

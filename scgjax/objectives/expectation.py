@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
 from scgjax.objectives import program
 from scgjax.objectives.base import Objective
 
@@ -28,6 +33,7 @@ class Expectation(Objective):
 
     kind = program.SINGLE
 
-    def loss(self, rng_key, params, fn, *args, **kwargs):
+    def loss(self, rng_key: Any, params: dict, fn: Callable, *args: Any, **kwargs: Any
+             ) -> jax.Array:
         """Minus the expected cost estimate; its gradient estimates minus the gradient."""
         return super().loss(rng_key, params, fn, *args, **kwargs)

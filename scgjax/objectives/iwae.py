@@ -8,6 +8,7 @@ leave-one-out baselines (Mnih & Rezende, ICML 2016; :class:`scgjax.estimators.vi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -115,6 +116,7 @@ class IWAE(Objective):
             metrics["learning_signals"] = signals
         return -surrogate, (dict(state), metrics)
 
-    def loss(self, rng_key, params, model, guide, *args, **kwargs):
+    def loss(self, rng_key: Any, params: dict, model: Callable, guide: Callable, *args: Any,
+             **kwargs: Any) -> jax.Array:
         """``-L_K`` estimate; ``jax.grad`` of it estimates ``-grad L_K``."""
         return super().loss(rng_key, params, model, guide, *args, **kwargs)

@@ -3,6 +3,7 @@ and wake-sleep (Hinton, Dayan, Frey & Neal 1995)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -135,7 +136,8 @@ class RWS(Objective):
         surrogate = jax.lax.stop_gradient(bound) + zero_value(wake)
         return -surrogate, (dict(state), {"objective": jax.lax.stop_gradient(bound)})
 
-    def loss(self, rng_key, params, model, guide, *args, **kwargs):
+    def loss(self, rng_key: Any, params: dict, model: Callable, guide: Callable, *args: Any,
+             **kwargs: Any) -> jax.Array:
         """Minus the ``K``-sample bound in value; its gradient is minus the updates above."""
         return super().loss(rng_key, params, model, guide, *args, **kwargs)
 

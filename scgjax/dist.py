@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -48,20 +49,36 @@ def _softplus_jvp(primals, tangents):
     return softplus(x), t * jax.nn.sigmoid(x)
 
 
+_CHECK_TRACED: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def check_traced_values():
+    """Within it, the ``log_prob`` overrides of this module check traced values against the
+    support too (``-inf`` outside it), as numpyro's own classes do: used for *observed* values,
+    which may be new data in every step of a jitted loop."""
+    _CHECK_TRACED.append(True)
+    try:
+        yield
+    finally:
+        _CHECK_TRACED.pop()
+
+
 def validate_concrete_sample(log_prob_fn: Any) -> Any:
-    """numpyro's ``validate_sample`` for a ``log_prob`` override, applied to concrete values.
+    """numpyro's ``validate_sample`` for a ``log_prob`` override, applied to concrete values
+    (and to traced ones inside :func:`check_traced_values`).
 
     With validation on (numpyro's default), a value outside the support gets ``-inf`` and
-    numpyro's warning, as from numpyro's own classes. A traced value (inside a jitted step) is
-    not checked here, so the step does no extra work: data are checked against the support where
-    they enter, once, at trace time (``sg.sample``, ``sg.SVI.init``/``run``), and sampled values
-    lie in the support by construction.
+    numpyro's warning, as from numpyro's own classes. A traced *sampled* value (inside a jitted
+    step) is not checked, so the step does no extra work for it: sampled values lie in the
+    support by construction. Observed values are checked in the step too
+    (:func:`scgjax.tracegraph.site_log_prob` uses :func:`check_traced_values`).
     """
     validated = validate_sample(log_prob_fn)
 
     @functools.wraps(log_prob_fn)
     def log_prob(self, value):
-        if isinstance(value, jax.core.Tracer):
+        if isinstance(value, jax.core.Tracer) and not _CHECK_TRACED[-1]:
             return log_prob_fn(self, value)
         return validated(self, value)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from scgjax.dist import log_prob_in_support
+from scgjax.dist import check_traced_values, log_prob_in_support
 from scgjax.errors import SiteError
 from scgjax.primitives import Message, Messenger
 from scgjax.provenance import source, source_dependencies
@@ -56,9 +56,14 @@ def site_log_prob(msg: Message) -> jax.Array:
     """``log fn(value)`` of a sample site, broadcast to its batch shape, 0 where masked.
 
     A site whose message says ``in_support`` (its value was drawn from its distribution, or
-    from one with the very same support) skips numpyro's support check."""
+    from one with the very same support) skips numpyro's support check; an observed value is
+    always checked (``-inf`` outside the support), also when traced: new data may reach a
+    jitted step every call."""
     if msg.get("in_support"):
         lp = log_prob_in_support(msg["fn"], msg["value"])
+    elif msg["is_observed"]:  # data: checked against the support in the jitted step too
+        with check_traced_values():
+            lp = msg["fn"].log_prob(msg["value"])
     else:
         lp = msg["fn"].log_prob(msg["value"])
     lp = jnp.broadcast_to(lp, tuple(msg["fn"].batch_shape))

@@ -182,3 +182,18 @@ def test_sampled_values_skip_the_support_check_and_data_keep_it():
     assert _guards(loss(with_data), params, x) >= 1
     bad = jax.jit(loss(with_data))(params, jnp.array([0.5, -1.0, 2.0]))  # -1: not positive
     assert bool(jnp.isinf(bad))
+
+
+def test_observed_bernoulli_data_are_checked_inside_the_jitted_step():
+    """New data reach a jitted step every call (``SVI.run(batches=...)``): an observed value
+    outside the support gives -inf there too, for scgjax's own Bernoulli as for numpyro's."""
+    def model(x):
+        z = sg.sample("z", dist.Normal(0.0, 1.0))
+        with sg.plate("data", x.shape[0]):
+            sg.sample("x", dist.Bernoulli(logits=z), obs=x)
+
+    guide = lambda x: sg.sample("z", dist.Normal(sg.param("m", 0.0), 1.0))
+    step = jax.jit(lambda p, x: sg.ELBO().loss(jax.random.key(0), p, model, guide, x))
+    params = {"m": jnp.zeros(())}
+    assert bool(jnp.isfinite(step(params, jnp.array([0.0, 1.0, 1.0]))))
+    assert bool(jnp.isinf(step(params, jnp.array([0.0, 2.0, 1.0]))))

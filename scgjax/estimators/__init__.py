@@ -14,11 +14,13 @@ from scgjax.estimators.pathwise import Pathwise
 from scgjax.estimators.relaxation import GumbelSoftmax, StraightThrough
 from scgjax.estimators.rloo import RLOO
 from scgjax.estimators.score_function import ScoreFunction
+from scgjax.estimators.stl import STL
 from scgjax.estimators.vimco import VIMCO
 
 __all__ = [
     "ARM", "DCV", "Detached", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax", "Pathwise",
-    "RLOO", "ScoreContext", "ScoreFunction", "StraightThrough", "VIMCO", "default_estimator",
+    "RLOO", "STL", "ScoreContext", "ScoreFunction", "StraightThrough", "VIMCO",
+    "default_estimator",
     "magic_box",
 ]
 

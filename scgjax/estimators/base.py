@@ -108,6 +108,9 @@ class Estimator:
             alone (``sg.RWS``, ``sg.WakeSleep``) may use it.
         couples_particles: :meth:`sample` uses the particle axis (a collective over
             ``"particle"``), so the particles cannot run in separate blocks.
+        stops_own_density: the site's own cost ``-log q(w)`` is taken at gradient-stopped
+            distribution parameters (its value keeps its path), as in STL; valid under the
+            ELBO only.
     """
 
     reparameterised: bool = False
@@ -117,6 +120,7 @@ class Estimator:
     bound_signal: str | None = None
     importance_weighted: bool = False
     couples_particles: bool = False
+    stops_own_density: bool = False
 
     def bound_refusal(self) -> str:
         """Why this estimator cannot serve a multi-sample bound (when ``bound_signal`` is

@@ -29,7 +29,7 @@ class Pathwise(Estimator):
         if not fn.has_rsample:
             raise SiteError(
                 name,
-                f"uses Pathwise, but {type(fn).__name__} cannot be reparameterised "
+                f"uses {type(self).__name__}, but {type(fn).__name__} cannot be reparameterised "
                 "(has_rsample is False); use a score-function estimator such as "
                 "sg.ScoreFunction() or sg.RLOO()",
             )

@@ -33,6 +33,8 @@ def _check_estimators(scg: SCG) -> None:
         if est.enumerates:
             raise SiteError(name, f"uses {kind}; IWAE does not support enumerated sites (the "
                             "bound's log-weights are per particle): use VIMCO() or Pathwise()")
+        if est.stops_own_density:
+            raise SiteError(name, est.bound_refusal())
         if est.reparameterised and not est.uses_signal:
             continue  # pathwise (or a relaxation): the gradient flows through the value
         if est.bound_signal not in ("plain", "leave_one_out"):

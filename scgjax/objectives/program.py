@@ -210,8 +210,13 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
                      "collected": msg["estimator"].collect(msg)}
         if structure.kind == GUIDED and not msg["estimator"].reparameterised:
             extras[n]["own_cost_shift"] = own_cost_shift(log_prob(role, n), msg)
-    costs = {cid: canonical(site_cost(traces[r][s], sign, log_prob(r, s)), traces[r][s])
-             for cid, r, s, sign in structure.costs}
+    costs = {}
+    for cid, r, s, sign in structure.costs:
+        msg = traces[r][s]
+        lp = log_prob(r, s)
+        if r == "guide" and s in nodes and nodes[s].estimator.stops_own_density:
+            lp = site_log_prob({**msg, "fn": jax.lax.stop_gradient(msg["fn"])})  # STL
+        costs[cid] = canonical(site_cost(msg, sign, lp), msg)
     return logq, costs, extras
 
 

@@ -32,6 +32,7 @@ from scgjax.objectives import (
     AmortisedWakeSleep,
     Expectation,
     Objective,
+    RenyiELBO,
     WakeSleep,
     graph,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "Pathwise",
     "RLOO",
     "RWS",
+    "RenyiELBO",
     "SCG",
     "STL",
     "SVI",

@@ -4,9 +4,9 @@ from scgjax.objectives.amortised_ws import AmortisedWakeSleep
 from scgjax.objectives.base import Objective
 from scgjax.objectives.elbo import ELBO
 from scgjax.objectives.expectation import Expectation
-from scgjax.objectives.iwae import IWAE
+from scgjax.objectives.iwae import IWAE, RenyiELBO
 from scgjax.objectives.program import graph
 from scgjax.objectives.rws import RWS, WakeSleep
 
-__all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "IWAE", "Objective", "RWS", "WakeSleep",
-           "graph"]
+__all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "IWAE", "Objective", "RWS", "RenyiELBO",
+           "WakeSleep", "graph"]

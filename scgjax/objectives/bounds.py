@@ -46,13 +46,15 @@ def bound_layout(scg: SCG) -> tuple[tuple[bool, ...], float]:
     return scg.plate_mask(shared), ratio
 
 
-def importance_log_weights(evaluation: Any
+def importance_log_weights(evaluation: Any, alpha: float = 0.0
                            ) -> tuple[jax.Array, jax.Array, jax.Array, float]:
     """``(log_w, per_element, bound, ratio)`` of the particles in ``evaluation``.
 
     ``log_w`` (``(K, *plates)``, size 1 off the bound's plates) sums the costs that depend on
     a stochastic node, unscaled by sub-sampling; ``per_element`` is
-    ``logsumexp_k log_w - log K``; ``bound = ratio * sum(per_element) + mean_k(constant costs)``.
+    ``logsumexp_k log_w - log K`` (with ``alpha``, the Rényi bound's
+    ``(logsumexp_k (1 - alpha) log_w - log K) / (1 - alpha)``);
+    ``bound = ratio * sum(per_element) + mean_k(constant costs)``.
     """
     scg = evaluation.structure.scg
     k = evaluation.structure.num_particles
@@ -67,7 +69,11 @@ def importance_log_weights(evaluation: Any
         else:
             constant = constant + cost.reshape(k, -1).sum(axis=1).mean()
     log_w = log_w / ratio
-    per_element = jax.nn.logsumexp(log_w, axis=0) - math.log(k)
+    if alpha == 0.0:
+        per_element = jax.nn.logsumexp(log_w, axis=0) - math.log(k)
+    else:
+        per_element = (jax.nn.logsumexp((1.0 - alpha) * log_w, axis=0) - math.log(k)) / (
+            1.0 - alpha)
     return log_w, per_element, ratio * per_element.sum() + constant, ratio
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scgjax.errors import SiteError
 from scgjax.estimators.base import magic_box
@@ -86,6 +87,8 @@ class IWAE(Objective):
     """
 
     kind = program.GUIDED
+    #: the Rényi bound's alpha (``sg.RenyiELBO``); 0 for IWAE
+    alpha: float = 0.0
 
     def default_estimator(self, fn: Any, num_particles: int) -> Any:
         """Pathwise where possible; otherwise VIMCO (``K >= 2``) or the plain score function."""
@@ -98,15 +101,17 @@ class IWAE(Objective):
         """``(-L_hat, (state, metrics))``: the bound with its score terms (see the class)."""
         scg = evaluation.structure.scg
         _check_estimators(scg)
-        log_w, per_element, bound, ratio = importance_log_weights(evaluation)
+        log_w, per_element, bound, ratio = importance_log_weights(evaluation, self.alpha)
         keep, _ = bound_layout(scg)
 
         surrogate = bound
         signals: dict[str, jax.Array] = {}
         for name, logq in evaluation.logq.items():
             est = scg.nodes[name].estimator
-            if est.bound_signal == "leave_one_out":
-                baseline = vimco_baselines(log_w)
+            if est.bound_signal == "leave_one_out":  # on the weights w^(1 - alpha)
+                a = self.alpha
+                baseline = (vimco_baselines(log_w) if a == 0.0
+                            else vimco_baselines((1.0 - a) * log_w) / (1.0 - a))
             else:
                 baseline = jnp.zeros_like(log_w)
             signal = jax.lax.stop_gradient(ratio * (per_element[None] - baseline))
@@ -122,3 +127,48 @@ class IWAE(Objective):
              **kwargs: Any) -> jax.Array:
         """``-L_K`` estimate; ``jax.grad`` of it estimates ``-grad L_K``."""
         return super().loss(rng_key, params, model, guide, *args, **kwargs)
+
+
+class RenyiELBO(IWAE):
+    """The Rényi bound (variational Rényi, Li & Turner, NeurIPS 2016), NumPyro's name and
+    signature, per plate element like ``sg.IWAE``:
+
+        L_alpha = E[ 1/(1 - alpha) log (1/K) sum_k w_k^(1 - alpha) ],
+        log w_k = log p(x, z_k) - log q(z_k | x),
+
+    ``alpha = 0`` is IWAE's bound; ``alpha -> 1`` tends to the ELBO (``alpha = 1`` itself is an
+    error: use ``sg.ELBO``); for ``0 < alpha < 1`` it lies between them. The loss is
+    ``-L_hat_alpha``: reparameterised sites differentiate through it, score-estimated sites get
+    ``(L_hat_alpha - b_k) grad log q(z_k)`` with ``b = 0`` (``ScoreFunction()``) or VIMCO's
+    leave-one-out baselines computed on the weights ``w^(1 - alpha)`` (``VIMCO()``, the default
+    of discrete sites), which do not depend on ``z_k``: unbiased for the gradient of
+    ``L_alpha`` (first order). Sub-sampled plates scale each element's bound by ``N / B``.
+
+    Example:
+        >>> import jax, scgjax as sg
+        >>> from scgjax import dist
+        >>> def model():
+        ...     z = sg.sample("z", dist.Normal(0.0, 1.0))
+        ...     sg.sample("x", dist.Normal(z, 1.0), obs=1.0)
+        >>> guide = lambda: sg.sample("z", dist.Normal(sg.param("m", 0.0), 1.0))
+        >>> params = sg.init_params(0, model, guide)
+        >>> key = jax.random.key(0)
+        >>> iwae = sg.IWAE(num_particles=8).loss(key, params, model, guide)
+        >>> bool(abs(RenyiELBO(0.0, 8).loss(key, params, model, guide) - iwae) < 1e-6)
+        True
+    """
+
+    def __init__(self, alpha: float = 0.0, num_particles: int = 2,
+                 particle_chunk: int | None = None):
+        super().__init__(num_particles, particle_chunk)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating,
+                                                              np.integer)):
+            raise TypeError(f"RenyiELBO alpha must be a real number, got {alpha!r}")
+        if float(alpha) == 1.0:
+            raise ValueError("RenyiELBO(alpha=1) is the ELBO, where the bound's formula divides "
+                             "by zero: use sg.ELBO(num_particles=K)")
+        self.alpha = float(alpha)
+
+    def __repr__(self) -> str:
+        chunk = "" if self.particle_chunk is None else f", particle_chunk={self.particle_chunk}"
+        return f"RenyiELBO(alpha={self.alpha}, num_particles={self.num_particles}{chunk})"

@@ -9,6 +9,7 @@ from scgjax.estimators.base import Estimator, ScoreContext, magic_box
 from scgjax.estimators.dcv import DCV
 from scgjax.estimators.detached import Detached
 from scgjax.estimators.disarm import ARM, DisARM
+from scgjax.estimators.dreg import DReG
 from scgjax.estimators.enumerate import Enumerate
 from scgjax.estimators.pathwise import Pathwise
 from scgjax.estimators.relaxation import GumbelSoftmax, StraightThrough
@@ -18,8 +19,8 @@ from scgjax.estimators.stl import STL
 from scgjax.estimators.vimco import VIMCO
 
 __all__ = [
-    "ARM", "DCV", "Detached", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax", "Pathwise",
-    "RLOO", "STL", "ScoreContext", "ScoreFunction", "StraightThrough", "VIMCO",
+    "ARM", "DCV", "DReG", "Detached", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax",
+    "Pathwise", "RLOO", "STL", "ScoreContext", "ScoreFunction", "StraightThrough", "VIMCO",
     "default_estimator",
     "magic_box",
 ]

@@ -109,8 +109,9 @@ class Estimator:
         couples_particles: :meth:`sample` uses the particle axis (a collective over
             ``"particle"``), so the particles cannot run in separate blocks.
         stops_own_density: the site's own cost ``-log q(w)`` is taken at gradient-stopped
-            distribution parameters (its value keeps its path), as in STL; valid under the
-            ELBO only.
+            distribution parameters (its value keeps its path), as in STL and DReG.
+        needs_bound: only a multi-sample bound (``sg.IWAE``) can use the site's estimator;
+            other objectives refuse it, naming the site.
     """
 
     reparameterised: bool = False
@@ -121,6 +122,7 @@ class Estimator:
     importance_weighted: bool = False
     couples_particles: bool = False
     stops_own_density: bool = False
+    needs_bound: bool = False
 
     def bound_refusal(self) -> str:
         """Why this estimator cannot serve a multi-sample bound (when ``bound_signal`` is

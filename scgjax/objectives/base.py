@@ -49,6 +49,8 @@ class Objective:
     """
 
     kind: str = program.GUIDED
+    #: a multi-sample bound (``sg.IWAE``): estimators with ``needs_bound`` may serve it
+    multi_sample_bound: bool = False
     #: :meth:`init_state` runs the programs on the concrete arguments (``sg.SVI`` then needs
     #: no separate run to check the data)
     init_state_checks_data: bool = True
@@ -122,6 +124,7 @@ class Objective:
         """Trace the program, run its ``K`` particles (``vmap``; enumerated sites summed out)
         and return their per-element arrays (see :class:`Evaluation`)."""
         structure = self.structure(rng_key, params, *fns_and_args, **kwargs)
+        self._check_bound_estimators(structure.scg)
         n = 1 if self.kind == program.SINGLE else 2
         particles = self._particles(structure, handlers.as_prng_key(rng_key), params,
                                     fns_and_args[:n], fns_and_args[n:], kwargs)
@@ -141,6 +144,17 @@ class Objective:
                          jax.tree.map(jnp.zeros_like, extras))
             signal_grads[n] = jax.lax.stop_gradient(pullback(cotangent)[0][n])
         return Evaluation(structure, logq, costs, extras, signal_grads)
+
+    def _check_bound_estimators(self, scg: SCG) -> None:
+        """Estimators defined by a multi-sample bound (``needs_bound``) only serve one."""
+        if self.multi_sample_bound:
+            return
+        for name, node in scg.nodes.items():
+            if node.estimator.needs_bound:
+                raise SiteError(name, f"uses {type(node.estimator).__name__}, which is defined "
+                                f"for a multi-sample bound (sg.IWAE) only; {type(self).__name__} "
+                                "would get no gradient through it: use sg.STL() or "
+                                "sg.Pathwise() here")
 
     def _particles(self, structure: program.Structure, key: jax.Array, params: dict,
                    programs: tuple, args: tuple, kwargs: dict) -> Callable:

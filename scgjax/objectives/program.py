@@ -204,7 +204,8 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
     enumerated = [n for n, node in nodes.items() if node.estimator.enumerates]
     logq = {n: canonical(log_prob(role, n), traces[role][n]) for n in signal_nodes + enumerated}
     extras = {}
-    for n in signal_nodes:
+    for n in signal_nodes + [n for n, node in nodes.items() if node.estimator.needs_signal_grad
+                             and not node.estimator.uses_signal]:
         msg = traces[role][n]
         extras[n] = {"value": jax.lax.stop_gradient(msg["value"]),
                      "collected": msg["estimator"].collect(msg)}

@@ -19,10 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from scgjax.errors import SiteError
+from scgjax.estimators.base import zero_value
 from scgjax.layout import reduce_to
 from scgjax.scg import SCG
 
-__all__ = ["bound_layout", "bound_plates", "importance_log_weights", "role_sums"]
+__all__ = ["bound_layout", "bound_plates", "check_doubly_reparameterised",
+           "doubly_reparameterised_term", "importance_log_weights", "role_sums"]
 
 
 def bound_plates(scg: SCG) -> tuple[str, ...]:
@@ -93,3 +96,31 @@ def role_sums(evaluation: Any, shape: tuple[int, ...]) -> tuple[jax.Array, jax.A
         else:
             model = model + part
     return model, guide
+
+
+def check_doubly_reparameterised(scg: SCG, name: str) -> None:
+    """A DReG site reaches the guide's parameters through its own value only: a
+    reparameterised site downstream of it would lose its path back to it (an error naming
+    both)."""
+    for child in scg.descendants(name):
+        if scg.nodes[child].estimator.reparameterised:
+            raise SiteError(name, f"uses DReG, but its value feeds the distribution of the "
+                            f"reparameterised site '{child}', whose path back to it DReG does "
+                            "not follow: use Pathwise() for one of them")
+
+
+def doubly_reparameterised_term(evaluation: Any, name: str, coefficient: jax.Array
+                                ) -> jax.Array:
+    """``sum_k c_k (d log w_k / d z_k) z_k`` with only ``z_k``'s path differentiable (value 0):
+    the doubly reparameterised gradient of site ``name`` (Tucker et al. 2019) for per-particle
+    coefficients ``c`` (``(K, *plates)``, gradient stopped): ``w^_k^2`` for IWAE,
+    ``w^_k - w^_k^2`` for RWS's wake-phi.
+
+    ``d log w_k / d z_k`` is the probe derivative of the site's downstream costs
+    (``evaluation.signal_grads``), which carry the sub-sampling scale, the factor the bound
+    applies; ``z_k``'s differentiable path is the value the estimator collected."""
+    structure = evaluation.structure
+    node = structure.scg.nodes[name]
+    c = node.layout(structure.plate_order).to_value(jax.lax.stop_gradient(coefficient))
+    path = evaluation.extras[name]["collected"]
+    return jnp.sum(jax.lax.stop_gradient(c * evaluation.signal_grads[name]) * zero_value(path))

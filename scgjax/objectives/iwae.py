@@ -16,14 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from scgjax.errors import SiteError
-from scgjax.estimators.base import magic_box, zero_value
+from scgjax.estimators.base import magic_box
 from scgjax.estimators.pathwise import Pathwise
 from scgjax.estimators.score_function import ScoreFunction
 from scgjax.estimators.vimco import VIMCO, vimco_baselines
 from scgjax.layout import reduce_to
 from scgjax.objectives import program
 from scgjax.objectives.base import Evaluation, Objective
-from scgjax.objectives.bounds import bound_layout, importance_log_weights
+from scgjax.objectives.bounds import (
+    bound_layout,
+    check_doubly_reparameterised,
+    doubly_reparameterised_term,
+    importance_log_weights,
+)
 from scgjax.scg import SCG
 
 
@@ -35,7 +40,10 @@ def _check_estimators(scg: SCG, alpha: float) -> None:
             raise SiteError(name, f"uses {kind}; IWAE does not support enumerated sites (the "
                             "bound's log-weights are per particle): use VIMCO() or Pathwise()")
         if est.bound_signal == "doubly_reparameterised":
-            _check_dreg(scg, name, alpha)
+            if alpha != 0.0:
+                raise SiteError(name, f"uses DReG, which is derived for the IWAE bound (alpha = "
+                                f"0), not the Rényi bound with alpha = {alpha}: use Pathwise()")
+            check_doubly_reparameterised(scg, name)
             continue
         if est.stops_own_density:
             raise SiteError(name, est.bound_refusal())
@@ -43,33 +51,6 @@ def _check_estimators(scg: SCG, alpha: float) -> None:
             continue  # pathwise (or a relaxation): the gradient flows through the value
         if est.bound_signal not in ("plain", "leave_one_out"):
             raise SiteError(name, est.bound_refusal())
-
-
-def _check_dreg(scg: SCG, name: str, alpha: float) -> None:
-    """DReG is the gradient of the IWAE bound (alpha = 0), and reaches the guide through the
-    site's own value only: a reparameterised site downstream would lose its path."""
-    if alpha != 0.0:
-        raise SiteError(name, f"uses DReG, which is derived for the IWAE bound (alpha = 0), not "
-                        f"the Rényi bound with alpha = {alpha}: use Pathwise() here")
-    for child in scg.descendants(name):
-        if scg.nodes[child].estimator.reparameterised:
-            raise SiteError(name, f"uses DReG, but its value feeds the distribution of the "
-                            f"reparameterised site '{child}', whose path back to it DReG does "
-                            "not follow: use Pathwise() for one of them")
-
-
-def _dreg_term(evaluation: Evaluation, name: str, log_w: jax.Array) -> jax.Array:
-    """``sum_k w^_k^2 (d log w_k/dz_k) z_k`` with only ``z_k``'s path differentiable (value 0).
-
-    The probe derivative (``signal_grads``) is of the site's downstream costs, which carry the
-    sub-sampling scale: that is ``ratio * d log w_k/dz_k``, the factor the bound applies."""
-    structure = evaluation.structure
-    node = structure.scg.nodes[name]
-    weights = jax.lax.stop_gradient(jax.nn.softmax(log_w, axis=0) ** 2)
-    weights = node.layout(structure.plate_order).to_value(weights)
-    grad_z = evaluation.signal_grads[name]
-    path = evaluation.extras[name]["collected"]
-    return jnp.sum(jax.lax.stop_gradient(weights * grad_z) * zero_value(path))
 
 
 class IWAE(Objective):
@@ -138,7 +119,8 @@ class IWAE(Objective):
         surrogate = bound
         for name, node in scg.nodes.items():
             if node.estimator.bound_signal == "doubly_reparameterised":
-                surrogate = surrogate + _dreg_term(evaluation, name, log_w)
+                squared = jax.nn.softmax(log_w, axis=0) ** 2  # sum_k w^_k^2 dlog w_k/dz_k dz_k
+                surrogate = surrogate + doubly_reparameterised_term(evaluation, name, squared)
         signals: dict[str, jax.Array] = {}
         for name, logq in evaluation.logq.items():
             est = scg.nodes[name].estimator

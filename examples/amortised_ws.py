@@ -37,11 +37,11 @@ regression on samples of the model estimates. Each training step
 3. fits kernel ridge regression from ``x`` to ``f``:
    ``fhat(x) = k(x, X) (K + lambda I)^{-1} f``, ``K = k(X, X)``, with a Gaussian kernel whose
    bandwidth is the median distance between the ``x_n`` and ridge ``lambda`` (``--ridge``);
-4. *wake*: minimises ``-mean_m fhat(x_m)`` over a minibatch of real data ``x_m``.
+4. *wake*: minimises ``-sum_m fhat(x_m)`` over a minibatch of real data ``x_m``.
 
 ``fhat`` is linear in ``f``, so ``grad fhat(x) = k(x, X) (K + lambda I)^{-1} grad f`` is the
 kernel regression of ``grad log p_theta(x_n, z_n)`` on ``x_n``: a consistent estimate of
-``grad log p_theta(x)``. The *value* ``mean_m fhat(x_m)`` (the "surrogate") is a regression
+``grad log p_theta(x)``. The *value* ``sum_m fhat(x_m)`` (the "surrogate") is a regression
 estimate, not a log-likelihood; ``mean_log_joint`` is ``mean_n f_n`` on the sleep samples.
 
 Differences from the authors' runs: they used a DCGAN-style deconvolutional generator, 2,000
@@ -365,7 +365,7 @@ class Minibatches:
 
 @dataclasses.dataclass
 class Run:
-    """A training run: initial and final params; the surrogate ``mean_m fhat(x_m)`` of every
+    """A training run: initial and final params; the surrogate ``sum_m fhat(x_m)`` of every
     step; the objective's other metrics (``mean_log_joint``, ``bandwidth``) at the steps
     ``metric_steps``; the experiment's evaluations (and ``sigma``) after ``eval_steps``
     updates; timings (the first step, which compiles, apart)."""
@@ -510,7 +510,7 @@ def plot_training(path: Path, run: Run, title: str, panels: Sequence[Panel]) -> 
     window = max(1, len(steps) // 50)
     smoothed = common.smooth(run.surrogate, window)
     ax.plot(steps, run.surrogate, color="tab:blue", alpha=0.25, lw=0.7,
-            label="surrogate mean_m fhat(x_m) per step")
+            label="surrogate sum_m fhat(x_m) per step")
     ax.plot(steps, smoothed, color="tab:blue", lw=1.5,
             label=f"surrogate, moving average ({window} steps)")
     ax.plot(run.metric_steps + 1, run.metrics["mean_log_joint"], "o-", ms=2.5, lw=1.0,

@@ -11,7 +11,8 @@ learned from samples of the model itself, with no guide and no assumption on the
 3. kernel ridge regression from ``x`` to ``f``:
    ``fhat(x) = k(x, X) (K + lambda I)^{-1} f`` with ``K = k(X, X)``, here the Gaussian kernel
    ``k(x, x') = exp(-||x - x'||^2 / (2 h^2))``, ``h`` by the median heuristic;
-4. *wake*: the loss is ``-mean_m fhat(x_m)`` over the real data ``x_m``.
+4. *wake*: the loss is ``-sum_m fhat(x_m)`` over the real data ``x_m``: like every other
+   objective's, it estimates the objective of the whole data set (a sum over the data plate).
 
 ``fhat`` is linear in ``f``, so ``grad_theta fhat(x) = k(x, X) (K + lambda I)^{-1} grad_theta f``
 is the kernel regression of ``grad log p_theta(x_n, z_n)`` on ``x_n``: a consistent estimate of
@@ -265,10 +266,12 @@ class AmortisedWakeSleep(Objective):
     3. fits kernel ridge regression ``fhat(x) = fbar + k(x, X) (K + lambda I)^{-1} (f - fbar)``
        (``fbar = mean_n f_n``) with the Gaussian kernel
        ``k(x, x') = exp(-||x - x'||^2 / (2 h^2))`` (Cholesky solve);
-    4. returns ``-mean_m fhat(x_m)`` over the real data's rows ``x_m``.
+    4. returns ``-sum_m fhat(x_m)`` over the real data's rows ``x_m``.
 
-    Its gradient estimates ``-mean_m grad_theta log p_theta(x_m)``; its *value* is a
-    regression surrogate, not ``-log p(x)``. Metrics: ``surrogate`` (``mean_m fhat(x_m)``),
+    Its gradient estimates ``-sum_m grad_theta log p_theta(x_m) = -grad_theta log p_theta(X)``,
+    the scale of every other objective's gradient (``sg.ELBO``'s sums over the data plate too),
+    so switching objectives needs no change of learning rate; its *value* is a regression
+    surrogate, not ``-log p(X)``. Metrics: ``surrogate`` (``sum_m fhat(x_m)``),
     ``mean_log_joint`` (``mean_n f_n``), ``bandwidth`` (``h``) and ``ridge`` (``lambda``).
 
     With ``joint_at_data=True`` step 4 instead evaluates the joint of every dream's latents at
@@ -408,7 +411,7 @@ class AmortisedWakeSleep(Objective):
             fhat = jnp.sum(weights * jax.vmap(joint_at)(args[0]), axis=1)
         else:
             fhat = _kernel_ridge(sq, f, h, ridge, sq_query)
-        surrogate = fhat.mean()
+        surrogate = fhat.sum()  # the whole data set, as every objective's (the plate is full)
         metrics = {"surrogate": surrogate, "mean_log_joint": f.mean(), "bandwidth": h,
                    "ridge": ridge}
         return -surrogate, ({} if state is None else state, metrics)
@@ -452,5 +455,5 @@ class AmortisedWakeSleep(Objective):
         return h, ridge
 
     def loss(self, rng_key: Any, params: dict, *fns_and_args: Any, **kwargs: Any) -> jax.Array:
-        """``-mean_m fhat(x_m)``: its gradient estimates ``-mean_m grad log p_theta(x_m)``."""
+        """``-sum_m fhat(x_m)``: its gradient estimates ``-sum_m grad log p_theta(x_m)``."""
         return self.loss_with_state(rng_key, params, None, *fns_and_args, **kwargs)[0]

@@ -49,7 +49,8 @@ gradient of the same bound, Tucker et al. 2019) or ``rws-dreg`` (``sg.RWS`` with
 wake-phi). ``--snr-keys N`` also measures, at the trained params, the signal-to-noise ratio
 ``|mean| / std`` over ``N`` keys of the guide's gradient under IWAE and under DReG for every K
 of the list (median over the encoder's parameters) and plots it against K (``snr.png``):
-Rainforth et al. (ICML 2018) showed that IWAE's falls as K grows (per data point, O(1/sqrt K)); DReG's does not.
+Rainforth et al. (ICML 2018) showed that IWAE's falls as K grows (per data point, as
+``O(1/sqrt K)``); DReG's does not (``bench/notes/iwae_mnist.md`` has the measured values).
 
 It prints a table (K, training bound over the last 100 steps, test ELBO, test L_K, test
 L_5000, ms per training step) and writes ``bounds.png`` (training bound per step, one curve per

@@ -208,3 +208,21 @@ def episode_exact(params):
         ret = ret + _reward(t, s, a)
         s = s + a
     return jnp.sum(jnp.exp(logp) * ret)
+
+
+def normal_plate_model(x):
+    """``z_n ~ N(0, 1)``, ``x_n ~ N(z_n, 1)`` observed, per element of ``plate("data")``."""
+    with sg.plate("data", x.shape[0]):
+        z = sg.sample("z", dist.Normal(0.0, 1.0))
+        sg.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def normal_plate_guide(estimator=None):
+    """The mean-field guide ``z_n ~ N(m_n, s_n)`` of :func:`normal_plate_model`, with
+    ``estimator`` on ``z``."""
+    def guide(x):
+        m = sg.param("m", jnp.zeros(x.shape[0]))
+        s = sg.param("s", jnp.ones(x.shape[0]), constraint=dist.constraints.positive)
+        with sg.plate("data", x.shape[0]):
+            sg.sample("z", dist.Normal(m, s), estimator=estimator)
+    return guide

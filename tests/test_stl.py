@@ -9,23 +9,13 @@ import pytest
 
 import scgjax as sg
 from scgjax import dist
+from tests import models
 
 X = jnp.array([1.5, -0.4, 0.3, 2.2, -1.1])
 
 
-def model(x):
-    with sg.plate("data", x.shape[0]):
-        z = sg.sample("z", dist.Normal(0.0, 1.0))
-        sg.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide_with(estimator):
-    def guide(x):
-        m = sg.param("m", jnp.zeros(x.shape[0]))
-        s = sg.param("s", jnp.ones(x.shape[0]), constraint=dist.constraints.positive)
-        with sg.plate("data", x.shape[0]):
-            sg.sample("z", dist.Normal(m, s), estimator=estimator)
-    return guide
+model = models.normal_plate_model
+guide_with = models.normal_plate_guide
 
 
 def exact_grad(m, s, x):

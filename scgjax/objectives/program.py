@@ -214,9 +214,10 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
     costs = {}
     for cid, r, s, sign in structure.costs:
         msg = traces[r][s]
-        lp = log_prob(r, s)
-        if r == "guide" and s in nodes and nodes[s].estimator.stops_own_density:
-            lp = site_log_prob({**msg, "fn": jax.lax.stop_gradient(msg["fn"])})  # STL
+        if r == "guide" and s in nodes and nodes[s].estimator.stops_own_density:  # STL, DReG
+            lp = site_log_prob({**msg, "fn": jax.lax.stop_gradient(msg["fn"])})
+        else:
+            lp = log_prob(r, s)
         costs[cid] = canonical(site_cost(msg, sign, lp), msg)
     return logq, costs, extras
 

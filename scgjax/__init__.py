@@ -9,6 +9,7 @@ through plates, and is unbiased for gradients of any order (DiCE).
 """
 
 from scgjax import baselines, diagnostics, dist, handlers
+from scgjax.control_flow import scan
 from scgjax.errors import NonFiniteError, ScgjaxError, SiteError
 from scgjax.estimators import (
     ARM,
@@ -86,4 +87,5 @@ __all__ = [
     "param_labels",
     "plate",
     "sample",
+    "scan",
 ]

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import sys
@@ -105,6 +106,7 @@ class trace(Messenger):
     """
 
     keeps_state = True
+    scan_role = "stacked"  # records each site of an sg.scan loop once, with its time axis
 
     def __enter__(self) -> trace:
         super().__enter__()
@@ -117,6 +119,9 @@ class trace(Messenger):
             self.trace.setdefault(name, msg.copy())
             return
         previous = self.trace.get(name)
+        if msg["type"] == "scan" and previous is not None and previous["type"] == "scan":
+            raise SiteError(name, "names two sg.scan loops of one program; each loop's time "
+                            "axis needs a name of its own: sg.scan(..., name=...)")
         if previous is not None:
             if msg["type"] == "param" and previous["type"] == "param":
                 old = jax.tree.map(jnp.shape, previous["value"])
@@ -166,14 +171,19 @@ class seed(Messenger):
         self.rng_seed = rng_seed
 
     keeps_state = True
+    scan_role = "step"  # inside an sg.scan body: a fresh key per step
 
     def __enter__(self) -> seed:
         self._key = self._seed_key = as_prng_key(self.rng_seed, "rng_seed")
         return super().__enter__()
 
+    def for_step(self, step: Any) -> seed | None:
+        return None if step.rng_key is None else seed(rng_seed=step.rng_key)
+
     def process_message(self, msg: Message) -> None:
         wants_key = (
             (msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None)
+            or msg["type"] == "scan"
             or (msg["type"] == "plate" and msg["value"] is None
                 and msg["args"][1] not in (None, msg["args"][0]))
             or (msg["type"] == "param" and msg["value"] is None and callable(msg["args"][0]))
@@ -242,6 +252,8 @@ class substitute(Messenger):
         2.0
     """
 
+    scan_role = "step"  # inside sg.scan, a site's value is given for every step: (T, ...)
+
     def __init__(self, fn: Callable | None = None, data: dict | None = None,
                  substitute_fn: Callable[[Message], Any] | None = None):
         super().__init__(fn)
@@ -251,6 +263,10 @@ class substitute(Messenger):
             _check_names_dict("substitute", "data", data)
         self.data = data
         self.substitute_fn = substitute_fn
+        self._step: Any = None
+
+    def for_step(self, step: Any) -> substitute:
+        return _at_step(self, step)
 
     def __enter__(self) -> substitute:
         self._seen: dict[str, str | None] = {}
@@ -271,10 +287,20 @@ class substitute(Messenger):
             value = self.data.get(msg["name"])
         else:
             value = self.substitute_fn(msg)
+        if value is not None and self._step is not None and msg["type"] == "sample":
+            value = self._step.slice(msg["name"], value)
         if value is not None:
             msg["value"] = value
             if msg["type"] == "sample":
                 msg["substituted"] = True  # checked against the support when concrete
+
+
+def _at_step(handler: Messenger, step: Any) -> Messenger:
+    """A shallow copy of ``handler`` (sharing its bookkeeping) that reads the values it holds
+    for the sites of an ``sg.scan`` loop at the current step (``step.slice``)."""
+    new = copy.copy(handler)
+    new._step = step
+    return new
 
 
 _INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, np))
@@ -336,6 +362,8 @@ class substitute_unconstrained(Messenger):
         >>> float(sg.handlers.substitute_unconstrained(prog, {"s": jnp.log(3.0)})())
         3.0
     """
+
+    scan_role = "step"
 
     def __init__(self, fn: Callable | None = None, params: dict | None = None, *,
                  strict: bool = True):
@@ -402,10 +430,16 @@ class condition(Messenger):
         True
     """
 
+    scan_role = "step"  # inside sg.scan, a site's data is given for every step: (T, ...)
+
     def __init__(self, fn: Callable | None = None, data: dict | None = None):
         super().__init__(fn)
         self.data = {} if data is None else data
         _check_names_dict("condition", "data", self.data)
+        self._step: Any = None
+
+    def for_step(self, step: Any) -> condition:
+        return _at_step(self, step)
 
     def __enter__(self) -> condition:
         self._seen: dict[str, str | None] = {}
@@ -420,7 +454,8 @@ class condition(Messenger):
         usable = msg["type"] == "sample" and not msg.get("is_factor")
         self._seen[msg["name"]] = None if usable else _kind_of(msg)
         if usable and msg["name"] in self.data:
-            msg["value"] = self.data[msg["name"]]
+            value = self.data[msg["name"]]
+            msg["value"] = value if self._step is None else self._step.slice(msg["name"], value)
             msg["is_observed"] = True
 
 
@@ -439,8 +474,11 @@ class replay(Messenger):
         True
     """
 
+    scan_role = "step"  # inside sg.scan: the recorded loop's values at the current step
+
     def __init__(self, fn: Callable | None = None, trace: Trace | None = None):
         super().__init__(fn)
+        self._step: Any = None
         if trace is None:
             raise TypeError("replay needs a trace")
         if not isinstance(trace, dict) or not all(
@@ -461,22 +499,46 @@ class replay(Messenger):
             return
         if msg["is_observed"] or recorded["type"] != "sample" or recorded["is_observed"]:
             return
-        _check_same_plate_dims(msg, recorded)
-        msg["value"] = recorded["value"]
-        self._matched += 1
+        value = recorded["value"]
+        if self._step is not None or _time_frame(recorded) is not None:
+            value = _replayed_step(msg, recorded, self._step)
+        else:
+            _check_same_plate_dims(msg, recorded)
+        msg["value"] = value
+        self._matched["sites"] += 1  # shared with its copies in sg.scan bodies
+
+    def for_step(self, step: Any) -> replay:
+        return _at_step(self, step)
 
     def __enter__(self) -> replay:
-        self._matched = 0
+        self._matched = {"sites": 0}
         return super().__enter__()
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         super().__exit__(exc_type, exc_value, traceback)
         latent = sorted(n for n, m in self.trace.items()
                         if m["type"] == "sample" and not m.get("is_observed"))
-        if exc_type is None and latent and not self._matched:
+        if exc_type is None and latent and not self._matched["sites"]:
             warn_user(f"site '{latent[0]}' and the other latent sites of the trace given to "
                       "sg.handlers.replay match no latent site of the program: nothing was "
                       "replayed (a trace of another program?)")
+
+
+def _time_frame(msg: Message) -> Any:
+    """The ``sg.scan`` time axis of a site, or ``None``."""
+    return next((f for f in msg.get("cond_indep_stack", ()) if f.time), None)
+
+
+def _replayed_step(msg: Message, recorded: Message, step: Any) -> Any:
+    """The recorded value of a site of an ``sg.scan`` loop at the current step: both the
+    recording and the replaying site must be in a loop of the same name."""
+    frame = _time_frame(recorded)
+    if step is None or frame is None or frame.name != step.name:
+        here = "outside any sg.scan" if step is None else f"inside sg.scan '{step.name}'"
+        there = "outside any sg.scan" if frame is None else f"inside sg.scan '{frame.name}'"
+        raise SiteError(msg["name"], f"is {here} here but {there} in the replayed trace (the "
+                        "guide): write the site in a loop of the same name in both programs")
+    return step.slice(msg["name"], recorded["value"])
 
 
 def _check_same_plate_dims(msg: Message, recorded: Message) -> None:
@@ -509,6 +571,8 @@ class block(Messenger):
         ['b']
     """
 
+    scan_role = "step"  # a hidden step's site never leaves the loop
+
     def __init__(self, fn: Callable | None = None,
                  hide_fn: Callable[[Message], bool] | None = None,
                  hide: Iterable[str] | None = None, expose: Iterable[str] | None = None):
@@ -525,7 +589,7 @@ class block(Messenger):
         if hide_fn is not None and not callable(hide_fn):
             raise TypeError(f"block's hide_fn must be a function of the message, got "
                             f"{type(hide_fn).__name__}; for names use hide=[...]")
-        self._names = None
+        self._names: set[str] | None = None
         if hide is not None:
             names = self._names = set(hide)
             hide_fn = lambda msg: msg["name"] in names
@@ -568,6 +632,8 @@ class scale(Messenger):
         >>> sg.handlers.trace(prog).get_trace()["x"]["scale"]
         2.0
     """
+
+    scan_role = "stacked"  # a scale may have the loop's time axis: (T, ...)
 
     def __init__(self, fn: Callable | None = None, scale: Any = 1.0):
         super().__init__(fn)
@@ -613,6 +679,8 @@ class mask(Messenger):
         >>> tr["x"]["mask"].tolist()
         [True, False]
     """
+
+    scan_role = "stacked"  # a mask may have the loop's time axis: (T, ...)
 
     def __init__(self, fn: Callable | None = None, mask: Any = True):
         super().__init__(fn)
@@ -665,6 +733,8 @@ class same_plate_sizes(Messenger):
         scgjax.errors.SiteError: site 'data' is a plate used with size 5 and then 3 ...
     """
 
+    scan_role = "step"
+
     def __init__(self, fn: Callable | None = None, sizes: dict | None = None,
                  role: str = "program"):
         super().__init__(fn)
@@ -715,6 +785,8 @@ class assign_estimators(Messenger):
         >>> g.nodes["z"].estimator
         RLOO()
     """
+
+    scan_role = "step"
 
     def __init__(self, fn: Callable | None = None, estimators: dict | None = None):
         super().__init__(fn)

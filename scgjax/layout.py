@@ -130,13 +130,41 @@ def canonical_shape(plate_order: tuple[str, ...], sizes: Mapping[str, int]) -> t
     return tuple(sizes.get(p, 1) for p in plate_order)
 
 
-def reduce_to(x: jax.Array, keep: tuple[bool, ...]) -> jax.Array:
+def reduce_to(x: jax.Array, keep: tuple[bool | frozenset[int], ...]) -> jax.Array:
     """Sum ``x`` (``(K, *plates)``, canonical) over the plate axes not in ``keep``, keeping
     dims: the elements a node is *not* credited along are added up.
+
+    An entry of ``keep`` is ``True`` (element by element), ``False`` (the sum of all elements)
+    or, along a loop's time axis, the set of lags ``L`` (signs of ``t - s``) of the elements
+    ``t`` of ``x`` that element ``s`` of the result adds up: ``{0, 1}`` the reverse cumulative
+    sum (rewards-to-go, ``sum_{t >= s} x_t``), ``{1}`` the strictly later ones, ``{-1, 0}`` the
+    cumulative sum, ``{-1, 1}`` all but ``s``. Each is O(T).
 
     Example:
         >>> reduce_to(jnp.ones((2, 3, 4)), (True, False)).shape
         (2, 3, 1)
+        >>> reduce_to(jnp.arange(4.0)[None], (frozenset({0, 1}),)).tolist()
+        [[6.0, 6.0, 5.0, 3.0]]
     """
-    axes = tuple(i + 1 for i, k in enumerate(keep) if not k and x.shape[i + 1] > 1)
-    return x.sum(axis=axes, keepdims=True) if axes else x
+    axes = tuple(i + 1 for i, k in enumerate(keep) if k is False and x.shape[i + 1] > 1)
+    out = x.sum(axis=axes, keepdims=True) if axes else x
+    for i, lags in enumerate(keep):
+        if not isinstance(lags, bool) and x.shape[i + 1] > 1:
+            out = _lagged_sum(out, i + 1, lags)
+    return out
+
+
+def _lagged_sum(x: jax.Array, axis: int, lags: frozenset[int]) -> jax.Array:
+    """``out_s = sum_{t : sign(t - s) in lags} x_t`` along ``axis``."""
+    if lags == {0, 1}:
+        return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis), axis)
+    if lags == {-1, 0}:
+        return jnp.cumsum(x, axis)
+    out = jnp.zeros_like(x)
+    if 1 in lags:  # the strictly later elements
+        out = out + jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis), axis) - x
+    if -1 in lags:  # the strictly earlier ones
+        out = out + jnp.cumsum(x, axis) - x
+    if 0 in lags:
+        out = out + x
+    return out

@@ -46,13 +46,16 @@ class CondIndepFrame(NamedTuple):
     """One enclosing plate of a site: its name, batch dimension and (subsampled) size.
 
     ``size`` is the number of elements the site carries along ``dim`` (the subsample size when
-    the plate subsamples); ``full_size`` is the size of the whole population.
+    the plate subsamples); ``full_size`` is the size of the whole population. ``time`` marks the
+    time axis of an ``sg.scan`` loop (its elements are steps, which the loop's carry may link),
+    not a plate of conditionally independent elements.
     """
 
     name: str
     dim: int
     size: int
     full_size: int
+    time: bool = False
 
 
 class Messenger:
@@ -68,6 +71,11 @@ class Messenger:
     #: handlers that carry per-call state across sites (a trace, a running key) must see every
     #: site at the JAX trace level they were entered at (see :func:`apply_stack`)
     keeps_state: bool = False
+    #: how the handler treats the sites of an ``sg.scan`` loop (:mod:`scgjax.control_flow`):
+    #: ``"step"``: it acts inside the loop's body, on each step's message (the handler that
+    #: :meth:`for_step` returns); ``"stacked"``: it sees each site once, after the loop, stacked
+    #: over the steps (a leading time axis). ``None``: ``sg.scan`` refuses to run under it.
+    scan_role: str | None = None
 
     def __init__(self, fn: Callable | None = None):
         self.fn = fn
@@ -88,6 +96,14 @@ class Messenger:
 
     def postprocess_message(self, msg: Message) -> None:
         """Inspect ``msg`` once its value is known."""
+
+    def for_step(self, step: Any) -> Messenger | None:
+        """The handler to install in an ``sg.scan`` body for one step (``scan_role="step"``):
+        ``self`` for a stateless handler, or a copy that shares its bookkeeping (both are pushed
+        as they are), a fresh handler with ``keeps_state`` (entered inside the body), or
+        ``None`` for none. ``step`` is a
+        :class:`scgjax.control_flow.ScanStep` (the loop's name, length, step index and key)."""
+        return self
 
     def __call__(self, *args, **kwargs):
         if self.fn is None:
@@ -121,6 +137,22 @@ def apply_stack(msg: Message) -> Message:
     return msg
 
 
+def apply_stack_stacked(msg: Message) -> Message:
+    """Send a site that ``sg.scan`` has stacked over its steps (its value already set) through
+    the active handlers that see stacked sites (``scan_role == "stacked"``), as
+    :func:`apply_stack` would."""
+    stack = [h for h in _HANDLER_STACK if h.scan_role == "stacked"]
+    visited = 0
+    for handler in reversed(stack):
+        visited += 1
+        handler.process_message(msg)
+        if msg.get("stop"):
+            break
+    for handler in stack[len(stack) - visited:]:
+        handler.postprocess_message(msg)
+    return msg
+
+
 def _check_trace_level(msg: Message) -> None:
     """A site inside ``lax.scan``/``vmap``/``jit``/``cond`` *within* the program would hand
     inner-trace values to handlers outside it (numpyro #1685: silently wrong or a leaked
@@ -133,7 +165,8 @@ def _check_trace_level(msg: Message) -> None:
             msg["name"],
             "is inside a JAX transformation (lax.scan, lax.cond, vmap, jit, ...) that the "
             "program itself applies; scgjax's handlers cannot see through it. Write the loop "
-            "in Python (credit assignment follows the data flow) or use sg.plate",
+            "with sg.scan (the same signature as lax.scan; credit follows the loop's data "
+            "flow), in Python, or use sg.plate",
         )
 
 
@@ -214,6 +247,7 @@ def _default_plate(msg: Message):
 
 
 _DEFAULTS: dict[str, Callable[[Message], Any]] = {
+    "scan": lambda msg: None,
     "sample": _default_sample,
     "param": _default_param,
     "plate": _default_plate,
@@ -621,6 +655,8 @@ class plate(Messenger):
         >>> idx.shape, z.shape
         ((10,), (10,))
     """
+
+    scan_role = "step"  # a plate around sg.scan shapes each step's sites
 
     def __init__(self, name: str, size: int, dim: int | None = None,
                  subsample_size: int | None = None):

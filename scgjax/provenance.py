@@ -36,11 +36,10 @@ import jax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-__all__ = ["dependencies", "source", "source_dependencies"]
+__all__ = ["dependencies", "source", "source_dependencies", "source_lags"]
 
 _LOOP_LIMIT = 1000
 
-_FIRST_BIT = ""  # key of ``sources`` holding the first bit free for named sources
 _source_p = jex_core.Primitive("scgjax_source")
 _source_p.def_impl(lambda x, *, name: x)
 _source_p.def_abstract_eval(lambda aval, *, name: aval)
@@ -64,16 +63,42 @@ def source_dependencies(fn: Callable, *example_args: Any) -> list[frozenset[str]
     ``example_args`` may be arrays or ``jax.ShapeDtypeStruct``; nothing is computed. ``fn`` runs
     once (it is traced to a jaxpr).
     """
+    return [frozenset(lags) for lags in source_lags(fn, *example_args)]
+
+
+def source_lags(fn: Callable, *example_args: Any) -> list[dict[str, frozenset[int]]]:
+    """For each flattened output of ``fn``, ``{name: lags}`` for the :func:`source` values it
+    depends on, with the time structure of ``lax.scan`` loops.
+
+    A source marked inside a scan's body is a *per-step* source: the value of step ``s``. An
+    output that the loop stacks (its ``ys``), or an element-wise function of it, has one element
+    per step ``t``; ``lags`` says at which signs of ``t - s`` the element of step ``t`` depends on
+    step ``s``'s source: ``0`` through the body within a step, ``+1`` (a forward loop) or ``-1``
+    (``reverse=True``) through the carry, from earlier iterations. The carry is followed to a
+    fixed point, so ``{0, 1}`` is the rewards-to-go structure, ``{0}`` a step that only sees its
+    own choice and ``{1}`` one that sees only earlier choices. ``{-1, 0, 1}`` means no time
+    structure: a source outside any loop, a loop's final carry, a ``while`` loop.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> def episode(xs):
+        ...     def step(total, x):
+        ...         a = source(x * 2.0, "a")          # the step's choice
+        ...         return total + a, (a * x, total)  # (this step's cost, the earlier ones')
+        ...     return jax.lax.scan(step, 0.0, xs)
+        >>> final, now, before = source_lags(episode, jnp.ones(3))
+        >>> sorted(now["a"]), sorted(before["a"]), sorted(final["a"])
+        ([0], [1], [-1, 0, 1])
+    """
     flat_args, in_tree = jax.tree.flatten(example_args)
 
     def flat_fn(*flat):
         return jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, flat)))
 
     closed = jax.make_jaxpr(flat_fn)(*flat_args)
-    bits: dict[str, int] = {_FIRST_BIT: 0}
-    out = _propagate(closed.jaxpr, [0] * len(flat_args), bits)
-    del bits[_FIRST_BIT]
-    return [frozenset(n for n, b in bits.items() if mask >> b & 1) for mask in out]
+    sources = _Sources(first_bit=0)
+    out = _propagate(closed.jaxpr, [0] * len(flat_args), sources)
+    return [sources.lags(mask) for mask in out]
 
 
 def dependencies(fn: Callable, *example_args: Any) -> list[frozenset[int]]:
@@ -88,8 +113,54 @@ def dependencies(fn: Callable, *example_args: Any) -> list[frozenset[int]]:
 
     closed = jax.make_jaxpr(flat_fn)(*flat_args)
     out = _propagate(closed.jaxpr, [1 << i for i in range(len(flat_args))],
-                     {_FIRST_BIT: len(flat_args)})
+                     _Sources(first_bit=len(flat_args)))
     return [frozenset(i for i in range(len(flat_args)) if mask >> i & 1) for mask in out]
+
+
+# Each named source owns four bits: its value with no time structure, and its value at the
+# same step, an earlier iteration or a later one of the loop being propagated.
+_ANY, _SAME, _BEFORE, _AFTER = range(4)
+_LAGS = {_ANY: frozenset({-1, 0, 1}), _SAME: frozenset({0}), _BEFORE: frozenset({1}),
+         _AFTER: frozenset({-1})}
+
+
+class _Sources:
+    """The bits of the named sources met so far (allocated above those of the inputs, which
+    they never share) and whether propagation is inside a loop body."""
+
+    def __init__(self, first_bit: int):
+        self.first_bit = first_bit
+        self.base: dict[str, int] = {}
+        self.loop_depth = 0
+
+    def bit(self, name: str) -> int:
+        """The mask of source ``name`` as marked here: per step inside a loop body."""
+        base = self.base.setdefault(name, self.first_bit + 4 * len(self.base))
+        return 1 << (base + (_SAME if self.loop_depth else _ANY))
+
+    def lags(self, mask: int) -> dict[str, frozenset[int]]:
+        out = {}
+        for name, base in self.base.items():
+            kinds = [k for k in range(4) if mask >> (base + k) & 1]
+            if kinds:
+                out[name] = frozenset().union(*(_LAGS[k] for k in kinds))
+        return out
+
+    def carried(self, mask: int, direction: int) -> int:
+        """``mask`` seen one iteration later, through a loop's carry: the step's sources become
+        earlier (``direction=1``, a forward scan) or later (``-1``) ones; a source already on the
+        other side, or ``direction=0`` (a while loop, a final carry), loses its time structure."""
+        for base in self.base.values():
+            same, before, after = (mask >> (base + k) & 1 for k in (_SAME, _BEFORE, _AFTER))
+            if not (same or before or after):
+                continue
+            mask &= ~(0b1110 << base)
+            kept, lost = ((same | before, after) if direction == 1 else
+                          (same | after, before) if direction == -1 else (0, 1))
+            mask |= lost << (base + _ANY)
+            if kept:
+                mask |= 1 << (base + (_BEFORE if direction == 1 else _AFTER))
+        return mask
 
 
 def _read(env: dict, atom: Any) -> int:
@@ -98,10 +169,9 @@ def _read(env: dict, atom: Any) -> int:
     return env.get(atom, 0)
 
 
-def _propagate(jaxpr: jex_core.Jaxpr, in_masks: Sequence[int], sources: dict[str, int]
+def _propagate(jaxpr: jex_core.Jaxpr, in_masks: Sequence[int], sources: _Sources
                ) -> list[int]:
-    """Masks of the outputs; ``sources`` maps each named source met to its bit (bits of
-    named sources are allocated above those of the inputs, which they never share)."""
+    """Masks of the outputs (bits of the inputs and of the named sources met)."""
     env: dict = dict(zip(jaxpr.invars, in_masks, strict=True))
     for eqn in jaxpr.eqns:
         ins = [_read(env, a) for a in eqn.invars]
@@ -121,13 +191,12 @@ def _open(jaxpr: Any) -> jex_core.Jaxpr:
     return jaxpr.jaxpr if isinstance(jaxpr, jex_core.ClosedJaxpr) else jaxpr
 
 
-def _equation(eqn: Any, ins: list[int], sources: dict[str, int]) -> list[int]:
+def _equation(eqn: Any, ins: list[int], sources: _Sources) -> list[int]:
     name = eqn.primitive.name
     params = eqn.params
     n_out = len(eqn.outvars)
     if eqn.primitive is _source_p:
-        bit = sources.setdefault(params["name"], sources[_FIRST_BIT] + len(sources) - 1)
-        return [1 << bit]
+        return [sources.bit(params["name"])]
     if name == "cond":
         index, operands = ins[0], ins[1:]
         outs = [index] * n_out
@@ -155,29 +224,44 @@ def _single_subjaxpr(params: dict) -> jex_core.Jaxpr | None:
     return subs[0] if len(subs) == 1 else None
 
 
-def _scan(params: dict, ins: list[int], sources: dict[str, int]) -> list[int]:
+def _loop_body(body: jex_core.Jaxpr, ins: list[int], sources: _Sources) -> list[int]:
+    sources.loop_depth += 1
+    try:
+        return _propagate(body, ins, sources)
+    finally:
+        sources.loop_depth -= 1
+
+
+def _scan(params: dict, ins: list[int], sources: _Sources) -> list[int]:
+    """A scan's outputs: the carry to a fixed point (a step's sources become earlier or later
+    ones as they go round); the stacked ``ys`` keep their per-step structure, the final carry
+    has none."""
     body = _open(params["jaxpr"])
     n_consts, n_carry = params["num_consts"], params["num_carry"]
     consts, carry, xs = ins[:n_consts], ins[n_consts:n_consts + n_carry], ins[n_consts + n_carry:]
+    direction = -1 if params["reverse"] else 1
     for _ in range(_LOOP_LIMIT):
-        out = _propagate(body, consts + carry + xs, sources)
-        new_carry = [a | b for a, b in zip(carry, out[:n_carry], strict=True)]
+        out = _loop_body(body, consts + carry + xs, sources)
+        new_carry = [a | sources.carried(b, direction)
+                     for a, b in zip(carry, out[:n_carry], strict=True)]
         if new_carry == carry:
-            return carry + out[n_carry:]
+            final = [sources.carried(a | b, 0) for a, b in zip(carry, out[:n_carry],
+                                                                strict=True)]
+            return final + out[n_carry:]
         carry = new_carry
-    return [_union(ins)] * len(out)
+    return [sources.carried(_union(ins), 0)] * len(out)
 
 
-def _while(params: dict, ins: list[int], sources: dict[str, int]) -> list[int]:
+def _while(params: dict, ins: list[int], sources: _Sources) -> list[int]:
     cond, body = _open(params["cond_jaxpr"]), _open(params["body_jaxpr"])
     n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
     cond_consts, body_consts = ins[:n_cond], ins[n_cond:n_cond + n_body]
     carry = ins[n_cond + n_body:]
     for _ in range(_LOOP_LIMIT):
-        stop = _union(_propagate(cond, cond_consts + carry, sources))
-        out = _propagate(body, body_consts + carry, sources)
-        new_carry = [a | b | stop for a, b in zip(carry, out, strict=True)]
+        stop = _union(_loop_body(cond, cond_consts + carry, sources))
+        out = _loop_body(body, body_consts + carry, sources)
+        new_carry = [a | sources.carried(b | stop, 0) for a, b in zip(carry, out, strict=True)]
         if new_carry == carry:
             return carry
         carry = new_carry
-    return [_union(ins)] * len(carry)
+    return [sources.carried(_union(ins), 0)] * len(carry)

@@ -41,16 +41,52 @@ from scgjax.errors import SiteError
 from scgjax.layout import SiteLayout
 from scgjax.primitives import Message
 
-__all__ = ["Plate", "StochasticNode", "CostNode", "SCG", "node_from_message"]
+__all__ = ["ALL_LAGS", "CostNode", "Plate", "SCG", "StochasticNode", "axis_credit",
+           "compose_lags", "node_from_message"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Plate:
-    """A plate of the program: ``size`` elements carried (the subsample), of ``full_size``."""
+    """A plate of the program: ``size`` elements carried (the subsample), of ``full_size``.
+
+    ``time`` marks the time axis of an ``sg.scan`` loop: its elements are steps, which the
+    loop's carry may link (credit along it follows :attr:`SCG.time_lags`)."""
 
     name: str
     size: int
     full_size: int
+    time: bool = False
+
+
+#: every element of a cost is credited to every element of a node: no structure along an axis
+ALL_LAGS = frozenset({-1, 0, 1})
+
+
+def compose_lags(first: frozenset[int], then: frozenset[int]) -> frozenset[int]:
+    """The lags (signs of ``t - s``) of a path ``s -> u -> t`` whose two edges have lags
+    ``first`` and ``then``: an earlier-then-later path may land anywhere.
+
+    Example:
+        >>> sorted(compose_lags(frozenset({0, 1}), frozenset({1}))), sorted(
+        ...     compose_lags(frozenset({1}), frozenset({-1})))
+        ([1], [-1, 0, 1])
+    """
+    out: set[int] = set()
+    for a in first:
+        for b in then:
+            out |= ALL_LAGS if a * b < 0 else {a + b if a * b == 0 else a}
+    return frozenset(out)
+
+
+def axis_credit(lags: frozenset[int]) -> bool | frozenset[int]:
+    """How a node is credited along one canonical axis: ``True`` element by element (a shared
+    plate, or a step that reaches only its own step), ``False`` with the sum of every element,
+    else the lags of the cost's elements that it reaches (see :func:`scgjax.layout.reduce_to`)."""
+    return True if lags == {0} else False if lags == ALL_LAGS else lags
+
+
+def _mirror(credit: bool | frozenset[int]) -> bool | frozenset[int]:
+    return credit if isinstance(credit, bool) else frozenset(-lag for lag in credit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +144,10 @@ class SCG:
         plates: the plates, in order of first appearance.
         parents: for each node, the stochastic nodes its distribution depends on.
         cost_inputs: for each cost, the stochastic nodes its value depends on directly.
+        time_lags: for a node ``w`` and a node or cost ``v`` in the same ``sg.scan`` loop,
+            the signs of ``t - s`` at which ``v``'s step ``t`` depends directly on ``w``'s step
+            ``s``: ``0`` within a step, ``1`` through the carry (``-1`` in a reverse loop).
+            A pair that is missing has no time structure (every step reaches every step).
     """
 
     nodes: Mapping[str, StochasticNode]
@@ -115,6 +155,8 @@ class SCG:
     plates: Mapping[str, Plate]
     parents: Mapping[str, frozenset[str]]
     cost_inputs: Mapping[str, frozenset[str]]
+    time_lags: Mapping[tuple[str, str], frozenset[int]] = dataclasses.field(
+        default_factory=dict)
 
     @functools.cached_property
     def _descendants(self) -> dict[str, frozenset[str]]:
@@ -173,20 +215,64 @@ class SCG:
                 keep &= set(self.nodes[v].plates)
         return tuple(p for p in self.plates if p in keep)
 
-    @functools.cached_property
-    def credit(self) -> dict[str, tuple[tuple[str, tuple[bool, ...]], ...]]:
-        """The credit table, computed once per graph: for each node, ``(cost id, keep)`` for
-        every cost it is credited with, ``keep`` the canonical plate axes along which the
-        credit is per element (the other axes of the cost are summed)."""
-        return {w: tuple((c, self.plate_mask(self.shared_plates(w, c)))
-                         for c in self._credited[w]) for w in self.nodes}
+    def _lags(self, source: str, target: str, axis: str) -> frozenset[int]:
+        """The direct edge's lags along time axis ``axis`` (``ALL_LAGS`` unless both ends
+        are steps of that loop)."""
+        ends = [self.nodes[source].plates,
+                self.nodes[target].plates if target in self.nodes else self.costs[target].plates]
+        if not all(axis in plates for plates in ends):
+            return ALL_LAGS
+        return self.time_lags.get((source, target), ALL_LAGS)
+
+    def time_credit(self, name: str, cost_id: str, axis: str) -> frozenset[int]:
+        """The signs of ``t - s`` at which node ``name``'s step ``s`` reaches step ``t`` of cost
+        ``cost_id`` along the time axis ``axis``, over every path of the data flow (through
+        the distributions of other nodes, composed with :func:`compose_lags`)."""
+        reach: dict[str, frozenset[int]] = {}
+        todo = [(c, self._lags(name, c, axis)) for c in self.nodes if name in self.parents[c]]
+        while todo:
+            v, lags = todo.pop()
+            if lags <= reach.get(v, frozenset()):
+                continue
+            reach[v] = reach.get(v, frozenset()) | lags
+            todo.extend((c, compose_lags(reach[v], self._lags(v, c, axis)))
+                        for c in self.nodes if v in self.parents[c])
+        inputs = self.cost_inputs[cost_id]
+        out = self._lags(name, cost_id, axis) if name in inputs else frozenset()
+        for v, lags in reach.items():
+            if v in inputs:
+                out |= compose_lags(lags, self._lags(v, cost_id, axis))
+        return out
+
+    def axis_credits(self, name: str, cost_id: str) -> tuple[bool | frozenset[int], ...]:
+        """How node ``name`` is credited with cost ``cost_id`` along each canonical axis
+        (:func:`axis_credit`): per element along the plates they share
+        (:meth:`shared_plates`), by the reachable steps along a loop's time axis."""
+        shared = self.shared_plates(name, cost_id)
+        out = []
+        for p, plate in self.plates.items():
+            if plate.time and p in self.nodes[name].plates and p in self.costs[cost_id].plates:
+                out.append(axis_credit(self.time_credit(name, cost_id, p)))
+            else:
+                out.append(p in shared and not plate.time)
+        return tuple(out)
 
     @functools.cached_property
-    def boxes(self) -> dict[str, tuple[tuple[str, tuple[bool, ...]], ...]]:
-        """For each cost, the score nodes upstream of it with their ``keep`` masks: the DiCE
-        box of the cost is ``box(sum_w reduce_to(log q(w), keep))``."""
-        return {c: tuple((w, dict(self.credit[w])[c]) for w in self._upstream[c]
-                         if self.nodes[w].score) for c in self.cost_inputs}
+    def credit(self) -> dict[str, tuple[tuple[str, tuple[bool | frozenset[int], ...]], ...]]:
+        """The credit table, computed once per graph: for each node, ``(cost id, keep)`` for
+        every cost it is credited with, ``keep`` how along each canonical axis
+        (:meth:`axis_credits`; :func:`scgjax.layout.reduce_to` applies it)."""
+        return {w: tuple((c, self.axis_credits(w, c)) for c in self._credited[w])
+                for w in self.nodes}
+
+    @functools.cached_property
+    def boxes(self) -> dict[str, tuple[tuple[str, tuple[bool | frozenset[int], ...]], ...]]:
+        """For each cost, the score nodes upstream of it with their ``keep`` masks seen from
+        the cost (along a time axis, the steps of the node that reach the cost's step): the
+        DiCE box of the cost is ``box(sum_w reduce_to(log q(w), keep))``."""
+        return {c: tuple((w, tuple(_mirror(k) for k in dict(self.credit[w])[c]))
+                         for w in self._upstream[c] if self.nodes[w].score)
+                for c in self.cost_inputs}
 
     def plate_mask(self, plates: tuple[str, ...]) -> tuple[bool, ...]:
         """Which canonical plate axes a site in ``plates`` occupies."""
@@ -222,9 +308,11 @@ class SCG:
             groups.setdefault(plates_of(key), []).append(key)
         for i, (plates, keys) in enumerate(groups.items()):
             if plates:
-                sizes = ", ".join(f"{p} ({self.plates[p].size})" for p in plates)
+                sizes = ", ".join(f"loop {p} ({self.plates[p].size} steps)"
+                                  if self.plates[p].time else f"plate {p} ({self.plates[p].size})"
+                                  for p in plates)
                 lines.append(f"  subgraph cluster_{i} {{")
-                lines.append(f'    label="plate {label(sizes)}"; style=rounded;')
+                lines.append(f'    label="{label(sizes)}"; style=rounded;')
                 lines.extend(f"    {node_line(k)}" for k in keys)
                 lines.append("  }")
             else:

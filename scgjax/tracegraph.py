@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from scgjax.dist import check_traced_values, log_prob_in_support
 from scgjax.errors import SiteError
 from scgjax.primitives import Message, Messenger
-from scgjax.provenance import source, source_dependencies
+from scgjax.provenance import source, source_lags
 from scgjax.scg import SCG, CostNode, Plate, node_from_message
 
 __all__ = ["GUIDED", "SINGLE", "Structure", "build", "cost_sites", "is_latent",
@@ -115,7 +115,10 @@ def _cost_id(name: str, msg: Message) -> str:
 class mark_sources(Messenger):
     """Mark the value of every latent sample site as the named source of its site
     (:func:`scgjax.provenance.source`). Install it *outside* the ``trace`` of the sampling
-    program, so that the trace and everything downstream see the marked value."""
+    program, so that the trace and everything downstream see the marked value. Inside an
+    ``sg.scan`` loop it marks each step's value (a per-step source)."""
+
+    scan_role = "step"
 
     def postprocess_message(self, msg: Message) -> None:
         if is_latent(msg):
@@ -164,19 +167,29 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
         sites = [(role, n) for n in sampled] + [(r, s) for _, r, s, _ in costs]
         return {site: site_log_prob(traces[site[0]][site[1]]) for site in dict.fromkeys(sites)}
 
-    deps = source_dependencies(analysis_pass)
+    deps = source_lags(analysis_pass)
     nodes, costs = found["nodes"], found["costs"]
     sites = list(dict.fromkeys([(role, n) for n in nodes] + [(r, s) for _, r, s, _ in costs]))
     # outputs are flattened in the sorted order of the dict's keys (pytree order)
     of_site = dict(zip(sorted(sites), deps, strict=True))
-    parents = {n: of_site[role, n] - {n} for n in nodes}
-    cost_inputs = {cid: of_site[r, s] for cid, r, s, _ in costs}
+    # A node's density depends on its own value (lag 0); a step of a loop may also depend on
+    # the node's earlier steps, through the carry: a self-edge with the other lags.
+    looped = {n: of_site[role, n].get(n, frozenset()) - {0} if any(
+        found["plates"][p].time for p in nodes[n].plates) else frozenset() for n in nodes}
+    parents = {n: frozenset(w for w in of_site[role, n] if w != n or looped[n])
+               for n in nodes}
+    cost_inputs = {cid: frozenset(of_site[r, s]) for cid, r, s, _ in costs}
+    # lags along a loop's time axis, for the edges of data flow between two of its steps
+    time_lags = {(w, n): looped[n] if w == n else lags for n in nodes
+                 for w, lags in of_site[role, n].items() if w in parents[n]}
+    time_lags.update({(w, cid): lags for cid, r, s, _ in costs
+                      for w, lags in of_site[r, s].items()})
     cost_nodes = {
         cid: CostNode(cid, site, r, _cost_kind(cid, r, site), sign, found["cost_plates"][cid])
         for cid, r, site, sign in costs
     }
     scg = SCG(nodes=nodes, costs=cost_nodes, plates=found["plates"], parents=parents,
-              cost_inputs=cost_inputs)
+              cost_inputs=cost_inputs, time_lags=time_lags)
     return Structure(kind=kind, scg=scg, costs=tuple(costs), num_particles=num_particles,
                      shared_params=found["shared_params"])
 
@@ -200,7 +213,14 @@ def _plates(traces: Traces) -> dict[str, Plate]:
     for tr in traces.values():
         for msg in tr.values():
             for f in msg.get("cond_indep_stack", ()):
-                known = plates.setdefault(f.name, Plate(f.name, f.size, f.full_size))
+                known = plates.setdefault(f.name, Plate(f.name, f.size, f.full_size, f.time))
+                if known.time != f.time:
+                    raise SiteError(f.name, "names both a plate and an sg.scan loop; give them "
+                                    "different names")
+                if known.time and known.size != f.size:
+                    raise SiteError(f.name, f"is an sg.scan loop of {known.size} steps in one "
+                                    f"program and {f.size} in the other; a loop's name must "
+                                    "always have the same length")
                 if known.full_size != f.full_size:
                     raise SiteError(
                         f.name, f"is a plate used with sizes {known.full_size} and "

@@ -31,8 +31,9 @@ __all__ = ["bound_layout", "bound_plates", "check_doubly_reparameterised",
 def bound_plates(scg: SCG) -> tuple[str, ...]:
     """The plates along which the bound factorises: those of every stochastic node and of
     every cost that depends on one (canonical order). The log-weights are kept per element of
-    these plates and the bound is the sum over elements of per-element ``K``-sample bounds."""
-    keep = set(scg.plates)
+    these plates and the bound is the sum over elements of per-element ``K``-sample bounds.
+    A loop's time axis is never one: its steps are summed inside each element's log-weight."""
+    keep = {p for p, plate in scg.plates.items() if not plate.time}
     for node in scg.nodes.values():
         keep &= set(node.plates)
     for cid, cost in scg.costs.items():

@@ -9,6 +9,7 @@ per-element arrays in the canonical plate layout (:mod:`scgjax.layout`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +55,8 @@ class estimate(Messenger):
     with respect to it.
     """
 
+    scan_role = "step"  # each step of an sg.scan loop draws its sites' values
+
     def __init__(self, fn: Callable | None = None, num_particles: int = 1,
                  probes: dict | None = None, enum_index: dict | None = None,
                  default: Callable = default_estimator):
@@ -62,6 +65,12 @@ class estimate(Messenger):
         self.default = default
         self.probes = probes or {}
         self.enum_index = enum_index or {}
+        self._step: Any = None
+
+    def for_step(self, step: Any) -> estimate:
+        new = copy.copy(self)
+        new._step = step
+        return new
 
     def process_message(self, msg: Message) -> None:
         if msg["type"] != "sample" or msg["is_observed"]:
@@ -83,6 +92,10 @@ class estimate(Messenger):
         msg["estimator"] = est
         if msg["value"] is not None:
             return  # substituted, replayed or conditioned inside the program
+        if msg["name"] in self.enum_index and self._step is not None:
+            raise SiteError(msg["name"], f"is enumerated inside sg.scan '{self._step.name}'; "
+                            "enumerating a loop's site jointly over its steps is not supported: "
+                            "use a sampling estimator (sg.RLOO(), sg.ScoreFunction(), ...)")
         if msg["name"] in self.enum_index:
             support = fn.enumerate_support(expand=False)[self.enum_index[msg["name"]]]
             msg["value"] = jnp.broadcast_to(support, fn.batch_shape)
@@ -94,12 +107,23 @@ class estimate(Messenger):
 
     def postprocess_message(self, msg: Message) -> None:
         if msg["type"] == "sample" and msg["name"] in self.probes:
-            msg["value"] = msg["value"] + self.probes[msg["name"]]
+            probe = self.probes[msg["name"]]
+            if self._step is not None:
+                probe = self._step.slice(msg["name"], probe)
+            msg["value"] = msg["value"] + probe
+        if self._step is not None and msg.get("estimator") is not None and not msg["is_observed"]:
+            # in an sg.scan loop the estimator collects each step's arrays (stacked with the
+            # site; its key and its inputs only exist inside the loop's body)
+            collected = msg["estimator"].collect(msg)
+            if collected is not None:
+                msg["collected"] = collected
 
 
 class transform_like(Messenger):
     """Give the model's sites the distribution transform of the guide's estimator for the same
     name (a relaxation must score the relaxed value under a relaxed model density too)."""
+
+    scan_role = "step"
 
     def __init__(self, fn: Callable | None = None, guide_trace: dict | None = None):
         super().__init__(fn)
@@ -208,7 +232,8 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
                              and not node.estimator.uses_signal]:
         msg = traces[role][n]
         extras[n] = {"value": jax.lax.stop_gradient(msg["value"]),
-                     "collected": msg["estimator"].collect(msg)}
+                     "collected": msg["collected"] if "collected" in msg
+                     else msg["estimator"].collect(msg)}
         if structure.kind == GUIDED and not msg["estimator"].reparameterised:
             extras[n]["own_cost_shift"] = own_cost_shift(log_prob(role, n), msg)
     costs = {}

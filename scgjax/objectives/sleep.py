@@ -32,6 +32,8 @@ class unobserve(Messenger):
     dreamt latents.
     """
 
+    scan_role = "step"
+
     def process_message(self, msg: Message) -> None:
         if msg["type"] == "sample" and msg["is_observed"] and not msg.get("is_factor"):
             msg["value"] = None

@@ -1,0 +1,281 @@
+"""Loops whose body samples: :func:`scan`, one compiled ``lax.scan`` that handlers see through.
+
+``scan(f, init, xs)`` runs ``f(carry, x) -> (carry, y)`` as ``jax.lax.scan`` does, and ``f`` may
+call :func:`~scgjax.primitives.sample`, :func:`~scgjax.primitives.param`,
+:func:`~scgjax.primitives.factor`, :func:`~scgjax.primitives.deterministic` and open plates
+(NumPyro's ``numpyro.contrib.control_flow.scan``). The body is traced once, so trace time, compile
+time and program size do not grow with the number of steps.
+
+How the handlers see a loop: each active handler says how it treats a loop's sites
+(``Messenger.scan_role``). Handlers that decide values (``seed``, ``substitute``,
+``condition``, ``replay``, the objectives' own) act *inside* the body, on each step's message:
+``seed`` gives every step a fresh key; a value given to ``substitute``/``condition``/``replay``
+for a site of the loop has a leading axis with one entry per step, read at the current step.
+Handlers that only record or weigh sites (``trace``, ``scale``, ``mask``) see each site once
+after the loop, *stacked* over the steps: one site of the program whose batch shape has a
+leading time axis, declared by a frame ``CondIndepFrame(name, dim, T, T, time=True)`` in its
+``cond_indep_stack``. Unlike a plate's, the elements of a time axis are not independent: the
+carry links the steps, and the graph layer reads from the body's data flow which later steps
+each step's choice reaches (:func:`scgjax.provenance.source_lags`).
+
+Example:
+    >>> import jax, jax.numpy as jnp, scgjax as sg
+    >>> from scgjax import dist
+    >>> def walk(n):
+    ...     def step(position, _):
+    ...         move = sg.sample("move", dist.Normal(0.0, 1.0))
+    ...         return position + move, position
+    ...     return sg.scan(step, 0.0, length=n)
+    >>> tr = sg.handlers.trace(sg.handlers.seed(walk, 0)).get_trace(5)
+    >>> tr["move"]["value"].shape, [(f.name, f.time) for f in tr["move"]["cond_indep_stack"]]
+    ((5,), [('time', True)])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from numpyro.distributions.batch_util import promote_batch_shape
+from numpyro.distributions.distribution import Unit
+
+from scgjax import primitives
+from scgjax.errors import SiteError
+from scgjax.primitives import CondIndepFrame, Message, Messenger
+
+__all__ = ["ScanStep", "scan"]
+
+#: message fields that may hold arrays computed in the body: stacked over the steps
+#: (``collected``: what a handler inside the body kept of each step, e.g. an objective's)
+_STACKED_FIELDS = ("value", "fn", "scale", "mask", "collected")
+
+
+class ScanStep(NamedTuple):
+    """What a handler installed in an :func:`scan` body knows of the current step.
+
+    Attributes:
+        name: the loop's name (its time axis).
+        length: the number of steps ``T``.
+        index: the step's index ``t`` (traced; ``0 .. T-1`` also when the loop runs in reverse).
+        rng_key: the step's PRNG key, or ``None`` when no ``seed`` handler gave the loop one.
+    """
+
+    name: str
+    length: int
+    index: jax.Array
+    rng_key: jax.Array | None
+
+    def slice(self, site: str, value: Any) -> Any:
+        """``value[t]`` for a value given for every step of the loop (each leaf has a leading
+        axis of size ``length``); a :class:`~scgjax.errors.SiteError` naming ``site`` else."""
+        for leaf in jax.tree.leaves(value):
+            shape = jnp.shape(leaf)
+            if not shape or shape[0] != self.length:
+                raise SiteError(site, f"is inside sg.scan '{self.name}' of length {self.length}: "
+                                f"a value given for it needs one entry per step, a leading axis "
+                                f"of size {self.length}; got shape {shape}")
+        return jax.tree.map(
+            lambda v: jax.lax.dynamic_index_in_dim(jnp.asarray(v), self.index, keepdims=False),
+            value)
+
+
+class _collect_steps(Messenger):
+    """The outermost handler of a loop's body: keeps each step's messages (read once the step
+    has run, so with every handler's changes)."""
+
+    def __init__(self, loop: str):
+        super().__init__()
+        self.loop = loop
+        self.messages: dict[str, Message] = {}
+
+    def postprocess_message(self, msg: Message) -> None:
+        name = msg["name"]
+        if msg["type"] == "plate":
+            size, subsample = msg["args"]
+            if subsample not in (None, size):
+                raise SiteError(name, f"is a sub-sampling plate inside sg.scan '{self.loop}'; "
+                                "a loop's plates must keep all their elements (open the "
+                                "sub-sampling plate outside the loop)")
+            return
+        if msg["type"] not in ("sample", "deterministic", "param"):
+            return
+        previous = self.messages.get(name)
+        if previous is not None and not (previous["type"] == msg["type"] == "param"):
+            raise SiteError(name, f"appears twice in one step of sg.scan '{self.loop}'; site "
+                            "names must be unique")
+        self.messages.setdefault(name, msg)
+
+
+def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
+         reverse: bool = False, *, name: str = "time") -> tuple[Any, Any]:
+    """``jax.lax.scan(f, init, xs, length, reverse)`` whose body may sample (NumPyro's
+    ``contrib.control_flow.scan``).
+
+    Every site of ``f`` becomes one site of the program with a leading time axis of ``T =
+    length`` steps (``name`` names the axis; two loops of one program need different names,
+    and the model and the guide use the same name for the same loop). Traces, ``sg.graph`` and
+    the handlers see the stacked sites; values given to ``substitute``/``condition`` for them have
+    shape ``(T, ...)``. Objectives credit each step's choice with the costs its value can reach:
+    the same step's through the body, later steps' through the carry (rewards-to-go when all
+    flows into the carry), read from the body's data flow. ``sg.scan`` may run inside plates (a
+    batch of episodes) and its body may open plates (without sub-sampling); loops do not nest.
+
+    Args:
+        f: ``f(carry, x) -> (carry, y)``.
+        init: the initial carry (a pytree).
+        xs: the per-step inputs (a pytree of arrays with a leading axis of size ``T``), or
+            ``None``.
+        length: ``T``, needed when ``xs`` is ``None``.
+        reverse: run from the last step to the first (the sites' time axes keep their order).
+        name: the name of the loop's time axis.
+
+    Returns:
+        ``(final carry, stacked ys)``.
+
+    Example:
+        >>> import jax.numpy as jnp, scgjax as sg
+        >>> from scgjax import dist
+        >>> def episode():
+        ...     def step(total, _):
+        ...         a = sg.sample("a", dist.Bernoulli(logits=total))
+        ...         sg.factor("reward", a * 1.0)
+        ...         return total + a, a
+        ...     return sg.scan(step, 0.0, length=4)
+        >>> g = sg.graph(episode)
+        >>> sorted(g.time_lags["a", "reward"]), sorted(g.time_credit("a", "reward", "time"))
+        ([0], [0, 1])
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"sg.scan's name must be a str, got {name!r}")
+    if not callable(f):
+        raise TypeError(f"sg.scan takes the body f(carry, x) -> (carry, y) first, got "
+                        f"{type(f).__name__}")
+    if any(isinstance(h, _collect_steps) for h in primitives._HANDLER_STACK):
+        raise SiteError(name, "is an sg.scan inside the body of another sg.scan; nested loops "
+                        "are not supported: write the inner loop in Python, or as a plate")
+    length = _length(name, xs, length)
+    outer = list(primitives._HANDLER_STACK)
+    for h in outer:
+        if h.scan_role not in ("step", "stacked"):
+            raise SiteError(name, f"is an sg.scan run under the handler {type(h).__name__}, "
+                            "which does not say how it treats a loop's sites: set its "
+                            "scan_role ('step' or 'stacked') and, for 'step', for_step")
+    loop_msg = primitives.new_message("scan", name, args=(length,), kwargs={"rng_key": None})
+    key = primitives.apply_stack(loop_msg)["kwargs"]["rng_key"]
+    steps = {"index": jnp.arange(length),
+             "key": None if key is None else jax.random.split(key, length)}
+    static: dict[str, Message] = {}
+
+    def body(carry, inputs):
+        step_in, x = inputs
+        step = ScanStep(name, length, step_in["index"], step_in["key"])
+        collector = _collect_steps(name)
+        saved = list(primitives._HANDLER_STACK)
+        primitives._HANDLER_STACK.clear()
+        try:
+            collector.__enter__()
+            for h in outer:
+                if h.scan_role != "step":
+                    continue
+                inner = h.for_step(step)
+                if inner is not None and inner.keeps_state:
+                    inner.__enter__()  # fresh per-call state, at the body's trace level
+                elif inner is not None:
+                    primitives._HANDLER_STACK.append(inner)  # shares the outer bookkeeping
+            out = f(carry, x)
+        finally:
+            primitives._HANDLER_STACK[:] = saved
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"the body of sg.scan '{name}' must return (carry, y), got "
+                            f"{type(out).__name__}")
+        static.clear()
+        arrays = {}
+        for site, msg in collector.messages.items():
+            static[site] = msg
+            arrays[site] = {k: msg[k] for k in _STACKED_FIELDS if _is_array_field(msg, k)}
+        return out[0], (out[1], arrays)
+
+    final, (ys, arrays) = jax.lax.scan(body, init, (steps, xs), length=length, reverse=reverse)
+    for site, msg in static.items():
+        primitives.apply_stack_stacked(_stacked_message(name, length, msg, arrays[site]))
+    return final, ys
+
+
+def _length(name: str, xs: Any, length: int | None) -> int:
+    sizes = {int(jnp.shape(leaf)[0]) if jnp.ndim(leaf) else -1 for leaf in jax.tree.leaves(xs)}
+    if -1 in sizes:
+        raise SiteError(name, "is an sg.scan whose xs has a scalar leaf; every leaf of xs needs "
+                        "a leading axis with one entry per step")
+    if len(sizes) > 1:
+        raise SiteError(name, f"is an sg.scan whose xs leaves have different leading sizes "
+                        f"{sorted(sizes)}")
+    if length is None:
+        if not sizes:
+            raise SiteError(name, "is an sg.scan with neither xs nor length: give length=T")
+        return sizes.pop()
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise SiteError(name, f"is an sg.scan with length {length!r}; it must be an int >= 1")
+    if sizes and sizes != {length}:
+        raise SiteError(name, f"is an sg.scan with length {length} but xs of leading size "
+                        f"{sizes.pop()}")
+    return length
+
+
+def _is_array_field(msg: Message, key: str) -> bool:
+    """Whether the step's ``msg[key]`` is computed per step (arrays, a distribution), rather
+    than a Python constant that every step shares."""
+    value = msg.get(key)
+    if value is None or isinstance(value, (bool, int, float)):
+        return False
+    return key in ("value", "fn", "collected") or bool(jax.tree.leaves(value))
+
+
+def _stacked_message(loop: str, length: int, step_msg: Message, arrays: dict) -> Message:
+    """The program's site for a site of the loop: every per-step array stacked on a leading
+    time axis, the time frame added to its ``cond_indep_stack``."""
+    msg = {**step_msg, **arrays, "stop": False}
+    msg["kwargs"] = {**step_msg["kwargs"], "rng_key": None}
+    if msg["type"] == "param":  # one value for all steps
+        msg["value"] = jax.tree.map(lambda v: v[0], arrays["value"])
+        return msg
+    if msg["type"] == "deterministic":
+        msg["args"] = ()
+        step_ndim = jnp.ndim(jax.tree.leaves(msg["value"])[0]) - 1
+    else:
+        try:
+            msg["fn"] = _promote(arrays["fn"])
+        except Exception as e:  # noqa: BLE001 - re-raised naming the site
+            raise SiteError(step_msg["name"], f"has a {type(step_msg['fn']).__name__} "
+                            f"distribution that cannot be stacked over the steps of sg.scan "
+                            f"'{loop}': {type(e).__name__}: {e}") from e
+        step_batch = tuple(step_msg["fn"].batch_shape)
+        if tuple(msg["fn"].batch_shape) != (length, *step_batch):
+            raise SiteError(step_msg["name"], f"has a distribution whose batch shape "
+                            f"{step_batch} could not be stacked over the {length} steps of "
+                            f"sg.scan '{loop}' (got {tuple(msg['fn'].batch_shape)})")
+        step_ndim = len(step_batch)
+        event_ndim = len(step_msg["fn"].event_shape)
+        msg["value"] = _lead(msg["value"], step_ndim + event_ndim)
+        for key in ("scale", "mask"):
+            if key in arrays:
+                msg[key] = _lead(msg[key], step_ndim)
+    frame = CondIndepFrame(loop, -1 - step_ndim, length, length, time=True)
+    msg["cond_indep_stack"] = [frame, *step_msg["cond_indep_stack"]]
+    return msg
+
+
+def _promote(fn: Any) -> Any:
+    """A distribution whose parameters were stacked over the steps, with its batch shape
+    recomputed (numpyro's ``promote_batch_shape``; a factor's ``Unit`` is rebuilt)."""
+    if isinstance(fn, Unit):
+        return Unit(fn.log_factor)
+    return promote_batch_shape(fn)
+
+
+def _lead(x: jax.Array, ndim: int) -> jax.Array:
+    """A stacked ``(T, *shape)`` array with size-1 axes after ``T`` up to ``1 + ndim`` dims, so
+    that its time axis lines up with the site's (a per-step value may broadcast)."""
+    missing = 1 + ndim - jnp.ndim(x)
+    return x if missing <= 0 else jnp.reshape(x, (x.shape[0], *(1,) * missing, *x.shape[1:]))

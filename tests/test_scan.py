@@ -1,0 +1,372 @@
+"""sg.scan: sites inside a compiled loop, credited per step by the loop's data flow.
+
+Exact references are sums over every path, computed in plain JAX (no scgjax)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scgjax as sg
+from scgjax import dist
+from scgjax.objectives.bounds import bound_plates
+from tests.models import bern_logp
+from tests.stats import assert_unbiased, grad_samples, mean_and_se
+
+T, E = 6, 3
+XS = jnp.linspace(-1.0, 1.0, T)
+
+
+def episodes(estimator=None, episodes_plate=True, linked=True):
+    """A batch of ``E`` episodes of ``T`` binary choices: the carry counts the choices made
+    (``linked``; else it ignores them), each step earns a reward that depends on the choice and
+    the carry."""
+    w = sg.param("w", jnp.array([0.3, -0.2]))
+
+    def step(state, x):
+        a = sg.sample("a", dist.Bernoulli(logits=w[0] + w[1] * state + x), estimator=estimator)
+        sg.factor("r", (a - 0.5) * (state + x) + 0.1 * a)
+        return state + (a if linked else 0.5), a
+
+    if not episodes_plate:
+        return sg.scan(step, jnp.zeros(()), xs=XS)
+    with sg.plate("episodes", E):
+        return sg.scan(step, jnp.zeros(E), xs=XS)
+
+
+def episodes_python_loop(estimator=None):
+    """The same program, written as a Python loop (one site per step)."""
+    w = sg.param("w", jnp.array([0.3, -0.2]))
+    with sg.plate("episodes", E):
+        state = jnp.zeros(E)
+        for t in range(T):
+            a = sg.sample(f"a{t}", dist.Bernoulli(logits=w[0] + w[1] * state + XS[t]),
+                          estimator=estimator)
+            sg.factor(f"r{t}", (a - 0.5) * (state + XS[t]) + 0.1 * a)
+            state = state + a
+
+
+def exact_return(w, linked=True):
+    """E[sum of rewards] of the ``E`` episodes, by enumerating the 2^T paths."""
+    total = 0.0
+    for path in itertools.product([0.0, 1.0], repeat=T):
+        state, lp, r = 0.0, 0.0, 0.0
+        for t, a in enumerate(path):
+            lp = lp + bern_logp(a, w[0] + w[1] * state + XS[t])
+            r = r + (a - 0.5) * (state + XS[t]) + 0.1 * a
+            state = state + (a if linked else 0.5)
+        total = total + jnp.exp(lp) * r
+    return E * total
+
+
+@pytest.fixture(scope="module")
+def params():
+    return sg.init_params(0, episodes)
+
+
+@pytest.mark.parametrize("estimator,k", [(sg.ScoreFunction(), 20), (sg.RLOO(), 20),
+                                         (sg.DisARM(), 20)])
+def test_expectation_gradient_is_exact_on_average(params, estimator, k):
+    obj = sg.Expectation(num_particles=k)
+    g = grad_samples(lambda key, p: obj.loss(key, p, episodes, estimator), params, 400)
+    exact = jax.grad(lambda p: exact_return(p["w"]))(params)
+    assert_unbiased(g, exact)
+
+
+def test_loss_value_is_the_expected_return(params):
+    obj = sg.Expectation(num_particles=50)
+    keys = jax.random.split(jax.random.key(1), 200)
+    values = jax.jit(jax.vmap(lambda key: -obj.loss(key, params, episodes)))(keys)
+    mean, se = mean_and_se(values)
+    assert abs(mean - exact_return(params["w"])) < 5 * se
+
+
+def test_credit_follows_the_carry():
+    """Rewards-to-go when the carry links the steps, the step alone when it does not, the
+    later steps alone for a cost that only sees earlier choices."""
+    linked = sg.graph(episodes)
+    assert linked.time_credit("a", "r", "time") == {0, 1}
+    assert linked.credit["a"] == (("r", (frozenset({0, 1}), True)),)
+    unlinked = sg.graph(lambda: episodes(linked=False))
+    assert unlinked.credit["a"] == (("r", (True, True)),)
+
+    def delayed():
+        def step(prev, x):
+            a = sg.sample("a", dist.Bernoulli(logits=x))
+            sg.factor("r", prev * 1.0)  # the previous step's choice only
+            return a * 1.0, None
+        sg.scan(step, 0.0, xs=XS)
+
+    assert sg.graph(delayed).credit["a"] == (("r", (frozenset({1}),)),)
+
+
+def test_same_estimator_distribution_as_the_python_loop(params):
+    """The loop and the unrolled program give the same gradient distribution: the same mean
+    and the same variance (rewards-to-go in both), within sampling error."""
+    obj = sg.Expectation(num_particles=8)
+    n = 600
+    g_scan = grad_samples(lambda key, p: obj.loss(key, p, episodes), params, n)["w"]
+    g_loop = grad_samples(lambda key, p: obj.loss(key, p, episodes_python_loop), params, n,
+                          seed=1)["w"]
+    (m1, s1), (m2, s2) = mean_and_se(g_scan), mean_and_se(g_loop)
+    assert np.all(np.abs(m1 - m2) < 5 * np.hypot(s1, s2))
+    ratio = np.var(np.asarray(g_scan), 0) / np.var(np.asarray(g_loop), 0)
+    assert np.all((ratio > 0.75) & (ratio < 1.33)), ratio
+
+
+def test_per_step_credit_has_less_variance_than_the_whole_return(params):
+    """Against a REINFORCE estimator crediting each step with the episode's whole return (what
+    a plate would not do, what a loop without time structure would): the loop's
+    rewards-to-go credit has lower variance here, and both are unbiased."""
+    obj = sg.Expectation(num_particles=1)
+    g_scan = np.asarray(grad_samples(lambda key, p: obj.loss(key, p, episodes,
+                                                              sg.ScoreFunction()),
+                                     params, 2000)["w"])
+
+    def whole_return(key, w):  # plain JAX: sum_t grad log q(a_t) * (sum of all rewards)
+        keys = jax.random.split(key, T)
+
+        def loss(w):
+            state, logq, ret = jnp.zeros(E), 0.0, 0.0
+            for t in range(T):
+                logits = w[0] + w[1] * state + XS[t]
+                a = jax.random.bernoulli(keys[t], jax.nn.sigmoid(logits), (E,)) * 1.0
+                logq = logq + bern_logp(a, logits)
+                ret = ret + (a - 0.5) * (state + XS[t]) + 0.1 * a
+                state = state + a
+            return jnp.sum(logq * jax.lax.stop_gradient(ret))
+        return jax.grad(loss)(w)
+
+    keys = jax.random.split(jax.random.key(5), 2000)
+    g_whole = np.asarray(jax.jit(jax.vmap(lambda k: whole_return(k, params["w"])))(keys))
+    exact = np.asarray(jax.grad(lambda p: exact_return(p["w"]))(params)["w"])
+    for g in (g_scan, g_whole):
+        m, se = mean_and_se(g)
+        assert np.all(np.abs(m - exact) < 5 * se)
+    assert np.all(np.var(g_scan, 0) < 0.8 * np.var(g_whole, 0))
+
+
+def guide_and_model():
+    ys = jnp.array([0.5, -1.0, 1.5, 0.2, -0.3, 1.0])
+
+    def model(ys):
+        def step(prev, y):
+            z = sg.sample("z", dist.Bernoulli(logits=jnp.where(prev > 0, 1.0, -1.0)))
+            sg.sample("y", dist.Normal(2.0 * z - 1.0, 1.0), obs=y)
+            return z * 1.0, None
+        sg.scan(step, 0.0, xs=ys)
+
+    def guide(ys):
+        v = sg.param("v", jnp.array([0.2, 0.5, -0.3]))
+
+        def step(prev, y):
+            z = sg.sample("z", dist.Bernoulli(logits=v[0] + v[1] * y + v[2] * prev))
+            return z * 1.0, None
+        sg.scan(step, 0.0, xs=ys)
+
+    def paths(v):
+        """(log q, log p) of each of the 2^T paths."""
+        out = []
+        for path in itertools.product([0.0, 1.0], repeat=T):
+            prev, lq, lp = 0.0, 0.0, 0.0
+            for t, z in enumerate(path):
+                lq = lq + bern_logp(z, v[0] + v[1] * ys[t] + v[2] * prev)
+                lp = lp + bern_logp(z, jnp.where(prev > 0, 1.0, -1.0))
+                lp = lp - 0.5 * (ys[t] - (2.0 * z - 1.0)) ** 2 - 0.5 * jnp.log(2 * jnp.pi)
+                prev = z
+            out.append((lq, lp))
+        return jnp.array(out)
+
+    return model, guide, ys, paths
+
+
+def test_elbo_with_model_and_guide_loops_is_exact_on_average():
+    model, guide, ys, paths = guide_and_model()
+    params = sg.init_params(0, model, guide, ys)
+
+    def exact_elbo(v):
+        lq, lp = paths(v).T
+        return jnp.sum(jnp.exp(lq) * (lp - lq))
+
+    obj = sg.ELBO(num_particles=10)
+    g = grad_samples(lambda key, p: obj.loss(key, p, model, guide, ys), params, 300)
+    assert_unbiased(g, {"v": jax.grad(exact_elbo)(params["v"])})
+
+
+def test_iwae_bound_per_sequence_with_time_inside():
+    """IWAE's bound factorises over the plate of sequences, not over time; with many
+    particles it approaches log p(y), computed exactly."""
+    ys = guide_and_model()[2]
+    ys2 = jnp.stack([ys, -ys], axis=1)  # (T, 2): the loop's xs, one column per sequence
+
+    def model2(ys2):
+        def step(prev, y):
+            z = sg.sample("z", dist.Bernoulli(logits=jnp.where(prev > 0, 1.0, -1.0)))
+            sg.sample("y", dist.Normal(2.0 * z - 1.0, 1.0), obs=y)
+            return z * 1.0, None
+        with sg.plate("seqs", 2):
+            sg.scan(step, jnp.zeros(2), xs=ys2)
+
+    def guide2(ys2):
+        v = sg.param("v", jnp.array([0.2, 0.5, -0.3]))
+
+        def step(prev, y):
+            z = sg.sample("z", dist.Bernoulli(logits=v[0] + v[1] * y + v[2] * prev))
+            return z * 1.0, None
+        with sg.plate("seqs", 2):
+            sg.scan(step, jnp.zeros(2), xs=ys2)
+
+    params = sg.init_params(0, model2, guide2, ys2)
+    scg = sg.graph(model2, guide2, ys2, params=params)
+    assert bound_plates(scg) == ("seqs",)
+    log_p = 0.0
+    for column in (ys, -ys):
+        _, lp = _paths_for(column, params["v"])
+        log_p += jax.scipy.special.logsumexp(lp)
+    obj = sg.IWAE(num_particles=2000)
+    bounds = jax.jit(jax.vmap(lambda k: -obj.loss(k, params, model2, guide2, ys2)))(
+        jax.random.split(jax.random.key(0), 20))
+    mean, se = mean_and_se(bounds)
+    assert mean <= log_p + 3 * se
+    assert log_p - mean < 0.05
+
+
+def _paths_for(ys, v):
+    lqs, lps = [], []
+    for path in itertools.product([0.0, 1.0], repeat=T):
+        prev, lq, lp = 0.0, 0.0, 0.0
+        for t, z in enumerate(path):
+            lq = lq + bern_logp(z, v[0] + v[1] * ys[t] + v[2] * prev)
+            lp = lp + bern_logp(z, jnp.where(prev > 0, 1.0, -1.0))
+            lp = lp - 0.5 * (ys[t] - (2.0 * z - 1.0)) ** 2 - 0.5 * jnp.log(2 * jnp.pi)
+            prev = z
+        lqs.append(lq)
+        lps.append(lp)
+    return jnp.array(lqs), jnp.array(lps)
+
+
+def test_dice_hessian_through_the_loop():
+    """The DiCE surrogate's Hessian is unbiased through the loop too."""
+    t_small = 3
+    xs = XS[:t_small]
+
+    def program():
+        w = sg.param("w", jnp.array([0.3, -0.2]))
+
+        def step(state, x):
+            a = sg.sample("a", dist.Bernoulli(logits=w[0] + w[1] * state + x),
+                          estimator=sg.ScoreFunction())
+            sg.factor("r", (a - 0.5) * (state + x) + 0.1 * a)
+            return state + a, None
+        sg.scan(step, 0.0, xs=xs)
+
+    def exact(w):
+        total = 0.0
+        for path in itertools.product([0.0, 1.0], repeat=t_small):
+            state, lp, r = 0.0, 0.0, 0.0
+            for t, a in enumerate(path):
+                lp = lp + bern_logp(a, w[0] + w[1] * state + xs[t])
+                r = r + (a - 0.5) * (state + xs[t]) + 0.1 * a
+                state = state + a
+            total = total + jnp.exp(lp) * r
+        return total
+
+    params = sg.init_params(0, program)
+    obj = sg.Expectation(num_particles=10)
+    keys = jax.random.split(jax.random.key(3), 2000)
+    hess = jax.jit(jax.vmap(lambda k: jax.hessian(
+        lambda w: -obj.loss(k, {"w": w}, program))(params["w"])))(keys)
+    assert_unbiased({"h": hess}, {"h": jax.hessian(exact)(params["w"])})
+
+
+def test_handlers_see_the_stacked_sites():
+    def program(data=None):
+        def step(c, x):
+            z = sg.sample("z", dist.Normal(c, 1.0))
+            sg.sample("y", dist.Normal(z, 1.0), obs=x)
+            sg.deterministic("d", z * 2.0)
+            return z, z
+        return sg.scan(step, 0.0, xs=data)
+
+    data = jnp.arange(4.0)
+    tr = sg.handlers.trace(sg.handlers.seed(program, 0)).get_trace(data)
+    assert tr["z"]["value"].shape == (4,) and tr["d"]["value"].shape == (4,)
+    assert tr["z"]["fn"].batch_shape == (4,)
+    assert bool(jnp.all(tr["y"]["value"] == data))
+    assert len(set(np.asarray(tr["z"]["value"]).tolist())) == 4  # a fresh key per step
+    again = sg.handlers.trace(sg.handlers.seed(program, 0)).get_trace(data)
+    assert bool(jnp.all(again["z"]["value"] == tr["z"]["value"]))
+    # substitute / condition with one value per step
+    z = jnp.array([1.0, 2.0, 3.0, 4.0])
+    sub = sg.handlers.trace(sg.handlers.seed(sg.handlers.substitute(program, {"z": z}), 0))
+    assert bool(jnp.all(sub.get_trace(data)["z"]["value"] == z))
+    cond = sg.handlers.trace(sg.handlers.seed(sg.handlers.condition(program, {"z": z}), 0))
+    assert cond.get_trace(data)["z"]["is_observed"]
+    with pytest.raises(sg.SiteError, match="'z'.*leading axis of size 4"):
+        sg.handlers.seed(sg.handlers.substitute(program, {"z": jnp.ones(3)}), 0)(data)
+    # replay, block, scale and mask
+    replayed = sg.handlers.trace(sg.handlers.seed(sg.handlers.replay(program, tr), 1))
+    assert bool(jnp.all(replayed.get_trace(data)["z"]["value"] == tr["z"]["value"]))
+    blocked = sg.handlers.trace(sg.handlers.block(sg.handlers.seed(program, 0), hide=["z"]))
+    assert "z" not in blocked.get_trace(data) and "y" in blocked.get_trace(data)
+    scaled = sg.handlers.trace(sg.handlers.seed(sg.handlers.scale(program, jnp.arange(
+        1.0, 5.0)), 0)).get_trace(data)
+    assert scaled["y"]["scale"].shape == (4,)
+    masked = sg.handlers.trace(sg.handlers.seed(sg.handlers.mask(
+        program, jnp.array([True, False, True, True])), 0)).get_trace(data)
+    assert masked["y"]["mask"].tolist() == [True, False, True, True]
+
+
+def test_loss_jits_twice_and_vmaps(params):
+    obj = sg.Expectation(num_particles=4)
+    loss = jax.jit(lambda k, p: obj.loss(k, p, episodes))
+    a, b = loss(jax.random.key(0), params), loss(jax.random.key(0), params)
+    assert float(a) == float(b)
+    losses = jax.vmap(lambda k: obj.loss(k, params, episodes))(jax.random.split(
+        jax.random.key(0), 3))
+    assert losses.shape == (3,) and bool(jnp.all(jnp.isfinite(losses)))
+
+
+def test_errors_name_the_site_or_the_loop():
+    def raw():
+        def step(c, _):
+            return c + sg.sample("x", dist.Normal(0.0, 1.0)), None
+        jax.lax.scan(step, 0.0, None, length=3)
+
+    with pytest.raises(sg.SiteError, match="'x'.*sg.scan"):
+        sg.handlers.trace(sg.handlers.seed(raw, 0)).get_trace()
+
+    def nested():
+        def inner(c, _):
+            return c, None
+
+        def outer(c, _):
+            sg.scan(inner, c, length=2, name="inner")
+            return c, None
+        sg.scan(outer, 0.0, length=2)
+
+    with pytest.raises(sg.SiteError, match="'inner'.*nested"):
+        sg.handlers.seed(nested, 0)()
+
+    def twice():
+        sg.scan(lambda c, _: (c + sg.sample("a", dist.Normal(0.0, 1.0)), None), 0.0, length=2)
+        sg.scan(lambda c, _: (c + sg.sample("b", dist.Normal(0.0, 1.0)), None), 0.0, length=2)
+
+    with pytest.raises(sg.SiteError, match="'time'.*name="):
+        sg.handlers.trace(sg.handlers.seed(twice, 0)).get_trace()
+    with pytest.raises(sg.SiteError, match="neither xs nor length"):
+        sg.scan(lambda c, x: (c, x), 0.0)
+
+    def enumerated():
+        def step(c, _):
+            sg.sample("a", dist.Bernoulli(logits=0.0), estimator=sg.Enumerate())
+            return c, None
+        sg.scan(step, 0.0, length=2)
+        sg.factor("f", jnp.zeros(()))
+
+    with pytest.raises(sg.SiteError, match="'a'"):
+        sg.Expectation().loss(0, {}, enumerated)

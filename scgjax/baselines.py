@@ -351,7 +351,11 @@ class Neural(Baseline):
         return {"inputs": inputs, "batch_shape": _batch_marker(msg)}
 
     def init_params(self, rng_key: jax.Array, msg: dict) -> dict[str, Any]:
-        inputs = jax.tree.map(jax.lax.stop_gradient, self.inputs)
+        # Only the inputs' shapes matter to the initialiser. Inputs computed inside an
+        # sg.scan body (the step's carry) are that body's tracers: zeros of their shape stand in.
+        inputs = jax.tree.map(
+            lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x))
+            if isinstance(x, jax.core.Tracer) else jax.lax.stop_gradient(x), self.inputs)
         return {"baseline": self.module.init(rng_key, inputs)["params"]}
 
     def predict(self, ctx: ScoreContext) -> jax.Array:

@@ -38,10 +38,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from numpyro.distributions.batch_util import promote_batch_shape
-from numpyro.distributions.distribution import Unit
 
 from scgjax import primitives
+from scgjax.dist import StackedSteps
 from scgjax.errors import SiteError
 from scgjax.primitives import CondIndepFrame, Message, Messenger
 
@@ -244,17 +243,8 @@ def _stacked_message(loop: str, length: int, step_msg: Message, arrays: dict) ->
         msg["args"] = ()
         step_ndim = jnp.ndim(jax.tree.leaves(msg["value"])[0]) - 1
     else:
-        try:
-            msg["fn"] = _promote(arrays["fn"])
-        except Exception as e:  # noqa: BLE001 - re-raised naming the site
-            raise SiteError(step_msg["name"], f"has a {type(step_msg['fn']).__name__} "
-                            f"distribution that cannot be stacked over the steps of sg.scan "
-                            f"'{loop}': {type(e).__name__}: {e}") from e
         step_batch = tuple(step_msg["fn"].batch_shape)
-        if tuple(msg["fn"].batch_shape) != (length, *step_batch):
-            raise SiteError(step_msg["name"], f"has a distribution whose batch shape "
-                            f"{step_batch} could not be stacked over the {length} steps of "
-                            f"sg.scan '{loop}' (got {tuple(msg['fn'].batch_shape)})")
+        msg["fn"] = StackedSteps(arrays["fn"])
         step_ndim = len(step_batch)
         event_ndim = len(step_msg["fn"].event_shape)
         msg["value"] = _lead(msg["value"], step_ndim + event_ndim)
@@ -264,14 +254,6 @@ def _stacked_message(loop: str, length: int, step_msg: Message, arrays: dict) ->
     frame = CondIndepFrame(loop, -1 - step_ndim, length, length, time=True)
     msg["cond_indep_stack"] = [frame, *step_msg["cond_indep_stack"]]
     return msg
-
-
-def _promote(fn: Any) -> Any:
-    """A distribution whose parameters were stacked over the steps, with its batch shape
-    recomputed (numpyro's ``promote_batch_shape``; a factor's ``Unit`` is rebuilt)."""
-    if isinstance(fn, Unit):
-        return Unit(fn.log_factor)
-    return promote_batch_shape(fn)
 
 
 def _lead(x: jax.Array, ndim: int) -> jax.Array:

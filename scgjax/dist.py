@@ -290,3 +290,66 @@ class RelaxedOneHotCategorical(_nd.Distribution):
         return (gammaln(n) + (n - 1) * jnp.log(self.temperature)
                 + jnp.sum(self.logits - (tau + 1.0) * log_y, axis=-1)
                 - n * logsumexp(self.logits - tau * log_y, axis=-1))
+
+
+class StackedSteps(_nd.Distribution):
+    """The distribution of a site of an ``sg.scan`` loop: the step's distribution at each of
+    the ``T`` steps, stacked.
+
+    ``steps`` is the step's distribution with every parameter stacked on a leading axis of size
+    ``T`` (as ``lax.scan`` stacks a body's outputs; its ``batch_shape`` is still one step's).
+    The batch shape is ``(T, *steps.batch_shape)``; :meth:`log_prob` and :meth:`sample` map the
+    step's over the steps (``vmap``), so each parameter keeps its alignment, whatever its own
+    shape (a scalar scale beside a batched location, a covariance shared by a plate).
+
+    Example:
+        >>> import jax
+        >>> steps = jax.vmap(lambda m: Normal(m, 1.0))(jnp.arange(3.0))  # one per step
+        >>> d = StackedSteps(steps)
+        >>> d.batch_shape, [round(float(x), 3) for x in d.log_prob(jnp.arange(3.0))]
+        ((3,), [-0.919, -0.919, -0.919])
+    """
+
+    pytree_data_fields = ("steps",)
+
+    def __init__(self, steps: _nd.Distribution, *, validate_args: Any = None):
+        self.steps = steps
+        length = int(jnp.shape(jax.tree.leaves(steps)[0])[0])
+        super().__init__((length, *steps.batch_shape), steps.event_shape,
+                         validate_args=validate_args)
+
+    @property
+    def base_dist(self) -> _nd.Distribution:
+        """The step's distribution (parameters stacked): what :func:`wrapper_chain` walks."""
+        return self.steps
+
+    @property
+    def support(self) -> Any:
+        return self.steps.support
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.steps.has_rsample
+
+    def _map(self, method: Any, per_step: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(self.steps)
+        validate = self._validate_args
+
+        def one(step_leaves, x):
+            step = jax.tree.unflatten(treedef, step_leaves)
+            step._validate_args = validate  # log_prob_in_support switches it off here
+            return method(step, x)
+        return jax.vmap(one)(leaves, per_step)
+
+    def log_prob(self, value: Any) -> Any:
+        return self._map(lambda step, v: step.log_prob(v), value)
+
+    def rsample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> Any:
+        keys = jax.random.split(key, self.batch_shape[0])
+        out = self._map(lambda step, k: step.rsample(k, sample_shape), keys)
+        return jnp.moveaxis(out, 0, len(sample_shape))
+
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> Any:
+        keys = jax.random.split(key, self.batch_shape[0])
+        out = self._map(lambda step, k: step.sample(k, sample_shape), keys)
+        return jnp.moveaxis(out, 0, len(sample_shape))

@@ -351,7 +351,7 @@ def node_from_message(msg: Message, role: str) -> StochasticNode:
         name=msg["name"],
         role=role,
         distribution=type(fn).__name__ if type(fn).__name__ not in (
-            "ExpandedDistribution", "Independent") else _describe(fn),
+            "ExpandedDistribution", "Independent", "StackedSteps") else _describe(fn),
         reparameterisable=bool(fn.has_rsample),
         discrete=bool(getattr(fn.support, "is_discrete", False)),
         estimator=msg.get("estimator"),

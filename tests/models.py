@@ -226,3 +226,43 @@ def normal_plate_guide(estimator=None):
         with sg.plate("data", x.shape[0]):
             sg.sample("z", dist.Normal(m, s), estimator=estimator)
     return guide
+
+
+# --- a chain of binary latents written with sg.scan (model and guide), and its exact paths --
+
+SCAN_YS = np.array([0.5, -1.0, 1.5, 0.2, -0.3, 1.0], dtype=np.float32)
+
+
+def scan_chain_model(ys):
+    """``z_t ~ Bernoulli(logits = +-1 by z_{t-1})``, ``y_t ~ Normal(2 z_t - 1, 1)``."""
+    def step(prev, y):
+        z = sg.sample("z", dist.Bernoulli(logits=jnp.where(prev > 0, 1.0, -1.0)))
+        sg.sample("y", dist.Normal(2.0 * z - 1.0, 1.0), obs=y)
+        return z * 1.0, None
+    sg.scan(step, jnp.zeros(jnp.shape(ys)[1:]), xs=ys)
+
+
+def scan_chain_guide(ys, estimator=None):
+    """``q(z_t | z_{t-1}, y_t) = Bernoulli(logits = v0 + v1 y_t + v2 z_{t-1})``."""
+    v = sg.param("v", jnp.array([0.2, 0.5, -0.3]))
+
+    def step(prev, y):
+        z = sg.sample("z", dist.Bernoulli(logits=v[0] + v[1] * y + v[2] * prev),
+                      estimator=estimator(prev, y) if callable(estimator) else estimator)
+        return z * 1.0, None
+    sg.scan(step, jnp.zeros(jnp.shape(ys)[1:]), xs=ys)
+
+
+def scan_chain_paths(ys, v):
+    """``(log q, log p)`` of every path ``z_{1:T}`` of the chain (``2^T`` rows)."""
+    lqs, lps = [], []
+    for path in itertools.product([0.0, 1.0], repeat=len(ys)):
+        prev, lq, lp = 0.0, 0.0, 0.0
+        for t, z in enumerate(path):
+            lq = lq + bern_logp(z, v[0] + v[1] * ys[t] + v[2] * prev)
+            lp = lp + bern_logp(z, jnp.where(prev > 0, 1.0, -1.0)) + normal_logp(
+                ys[t], 2.0 * z - 1.0, 1.0)
+            prev = z
+        lqs.append(lq)
+        lps.append(lp)
+    return jnp.array(lqs), jnp.array(lps)

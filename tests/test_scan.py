@@ -14,7 +14,13 @@ import pytest
 import scgjax as sg
 from scgjax import dist
 from scgjax.objectives.bounds import bound_plates
-from tests.models import bern_logp
+from tests.models import (
+    SCAN_YS,
+    bern_logp,
+    scan_chain_guide,
+    scan_chain_model,
+    scan_chain_paths,
+)
 from tests.stats import assert_unbiased, grad_samples, mean_and_se
 
 T, E = 6, 3
@@ -150,103 +156,44 @@ def test_per_step_credit_has_less_variance_than_the_whole_return(params):
     assert np.all(np.var(g_scan, 0) < 0.8 * np.var(g_whole, 0))
 
 
-def guide_and_model():
-    ys = jnp.array([0.5, -1.0, 1.5, 0.2, -0.3, 1.0])
-
-    def model(ys):
-        def step(prev, y):
-            z = sg.sample("z", dist.Bernoulli(logits=jnp.where(prev > 0, 1.0, -1.0)))
-            sg.sample("y", dist.Normal(2.0 * z - 1.0, 1.0), obs=y)
-            return z * 1.0, None
-        sg.scan(step, 0.0, xs=ys)
-
-    def guide(ys):
-        v = sg.param("v", jnp.array([0.2, 0.5, -0.3]))
-
-        def step(prev, y):
-            z = sg.sample("z", dist.Bernoulli(logits=v[0] + v[1] * y + v[2] * prev))
-            return z * 1.0, None
-        sg.scan(step, 0.0, xs=ys)
-
-    def paths(v):
-        """(log q, log p) of each of the 2^T paths."""
-        out = []
-        for path in itertools.product([0.0, 1.0], repeat=T):
-            prev, lq, lp = 0.0, 0.0, 0.0
-            for t, z in enumerate(path):
-                lq = lq + bern_logp(z, v[0] + v[1] * ys[t] + v[2] * prev)
-                lp = lp + bern_logp(z, jnp.where(prev > 0, 1.0, -1.0))
-                lp = lp - 0.5 * (ys[t] - (2.0 * z - 1.0)) ** 2 - 0.5 * jnp.log(2 * jnp.pi)
-                prev = z
-            out.append((lq, lp))
-        return jnp.array(out)
-
-    return model, guide, ys, paths
-
-
 def test_elbo_with_model_and_guide_loops_is_exact_on_average():
-    model, guide, ys, paths = guide_and_model()
-    params = sg.init_params(0, model, guide, ys)
+    ys = jnp.asarray(SCAN_YS)
+    params = sg.init_params(0, scan_chain_model, scan_chain_guide, ys)
 
     def exact_elbo(v):
-        lq, lp = paths(v).T
+        lq, lp = scan_chain_paths(ys, v)
         return jnp.sum(jnp.exp(lq) * (lp - lq))
 
     obj = sg.ELBO(num_particles=10)
-    g = grad_samples(lambda key, p: obj.loss(key, p, model, guide, ys), params, 300)
+    g = grad_samples(lambda key, p: obj.loss(key, p, scan_chain_model, scan_chain_guide, ys),
+                     params, 300)
     assert_unbiased(g, {"v": jax.grad(exact_elbo)(params["v"])})
 
 
 def test_iwae_bound_per_sequence_with_time_inside():
     """IWAE's bound factorises over the plate of sequences, not over time; with many
     particles it approaches log p(y), computed exactly."""
-    ys = guide_and_model()[2]
+    ys = jnp.asarray(SCAN_YS)
     ys2 = jnp.stack([ys, -ys], axis=1)  # (T, 2): the loop's xs, one column per sequence
 
     def model2(ys2):
-        def step(prev, y):
-            z = sg.sample("z", dist.Bernoulli(logits=jnp.where(prev > 0, 1.0, -1.0)))
-            sg.sample("y", dist.Normal(2.0 * z - 1.0, 1.0), obs=y)
-            return z * 1.0, None
         with sg.plate("seqs", 2):
-            sg.scan(step, jnp.zeros(2), xs=ys2)
+            scan_chain_model(ys2)
 
     def guide2(ys2):
-        v = sg.param("v", jnp.array([0.2, 0.5, -0.3]))
-
-        def step(prev, y):
-            z = sg.sample("z", dist.Bernoulli(logits=v[0] + v[1] * y + v[2] * prev))
-            return z * 1.0, None
         with sg.plate("seqs", 2):
-            sg.scan(step, jnp.zeros(2), xs=ys2)
+            scan_chain_guide(ys2)
 
     params = sg.init_params(0, model2, guide2, ys2)
-    scg = sg.graph(model2, guide2, ys2, params=params)
-    assert bound_plates(scg) == ("seqs",)
-    log_p = 0.0
-    for column in (ys, -ys):
-        _, lp = _paths_for(column, params["v"])
-        log_p += jax.scipy.special.logsumexp(lp)
+    assert bound_plates(sg.graph(model2, guide2, ys2, params=params)) == ("seqs",)
+    log_p = sum(jax.scipy.special.logsumexp(scan_chain_paths(c, params["v"])[1])
+                for c in (ys, -ys))
     obj = sg.IWAE(num_particles=2000)
     bounds = jax.jit(jax.vmap(lambda k: -obj.loss(k, params, model2, guide2, ys2)))(
         jax.random.split(jax.random.key(0), 20))
     mean, se = mean_and_se(bounds)
     assert mean <= log_p + 3 * se
     assert log_p - mean < 0.05
-
-
-def _paths_for(ys, v):
-    lqs, lps = [], []
-    for path in itertools.product([0.0, 1.0], repeat=T):
-        prev, lq, lp = 0.0, 0.0, 0.0
-        for t, z in enumerate(path):
-            lq = lq + bern_logp(z, v[0] + v[1] * ys[t] + v[2] * prev)
-            lp = lp + bern_logp(z, jnp.where(prev > 0, 1.0, -1.0))
-            lp = lp - 0.5 * (ys[t] - (2.0 * z - 1.0)) ** 2 - 0.5 * jnp.log(2 * jnp.pi)
-            prev = z
-        lqs.append(lq)
-        lps.append(lp)
-    return jnp.array(lqs), jnp.array(lps)
 
 
 def test_dice_hessian_through_the_loop():

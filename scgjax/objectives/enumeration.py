@@ -35,6 +35,11 @@ def check(structure: Structure, enumerated: tuple[str, ...]) -> None:
     scg = structure.scg
     for e in enumerated:
         plates = set(scg.nodes[e].plates)
+        loops = [p for p in plates if scg.plates[p].time]
+        if loops:
+            raise SiteError(e, f"is enumerated inside sg.scan '{loops[0]}'; enumerating a "
+                            "loop's site jointly over its steps is not supported: use a "
+                            "sampling estimator (sg.RLOO(), sg.ScoreFunction(), ...)")
         for w in scg.descendants(e):
             if scg.nodes[w].estimator.uses_signal:
                 raise SiteError(

@@ -317,3 +317,33 @@ def test_errors_name_the_site_or_the_loop():
 
     with pytest.raises(sg.SiteError, match="'a'"):
         sg.Expectation().loss(0, {}, enumerated)
+
+
+def test_reverse_loop_credits_the_earlier_indices():
+    """``reverse=True`` runs from the last step to the first: a choice reaches the costs of
+    the steps *before* it in index order (lags {-1, 0}), and the gradient stays exact."""
+    def program():
+        w = sg.param("w", jnp.array([0.3, -0.2]))
+
+        def step(state, x):
+            a = sg.sample("a", dist.Bernoulli(logits=w[0] + w[1] * state + x))
+            sg.factor("r", (a - 0.5) * (state + x) + 0.1 * a)
+            return state + a, None
+        sg.scan(step, 0.0, xs=XS, reverse=True)
+
+    def exact(w):
+        total = 0.0
+        for path in itertools.product([0.0, 1.0], repeat=T):
+            state, lp, r = 0.0, 0.0, 0.0
+            for t, a in zip(range(T - 1, -1, -1), path, strict=True):
+                lp = lp + bern_logp(a, w[0] + w[1] * state + XS[t])
+                r = r + (a - 0.5) * (state + XS[t]) + 0.1 * a
+                state = state + a
+            total = total + jnp.exp(lp) * r
+        return total
+
+    assert sg.graph(program).time_credit("a", "r", "time") == {-1, 0}
+    params = sg.init_params(0, program)
+    obj = sg.Expectation(num_particles=20)
+    g = grad_samples(lambda key, p: obj.loss(key, p, program), params, 400)
+    assert_unbiased(g, jax.grad(lambda p: exact(p["w"]))(params))

@@ -331,6 +331,20 @@ class StackedSteps(_nd.Distribution):
     def has_rsample(self) -> bool:
         return self.steps.has_rsample
 
+    @property
+    def has_enumerate_support(self) -> bool:
+        return self.steps.has_enumerate_support
+
+    def enumerate_support(self, expand: bool = True) -> Any:
+        """The step's support values, with a size-1 time axis (every step's support is the
+        same: a finite support does not depend on the parameters' values)."""
+        values = self.steps.enumerate_support(expand=False)
+        values = values.reshape((values.shape[0], 1, *values.shape[1:]))
+        if expand:
+            values = jnp.broadcast_to(values, (values.shape[0], *self.batch_shape,
+                                               *self.event_shape))
+        return values
+
     def _map(self, method: Any, per_step: Any) -> Any:
         leaves, treedef = jax.tree.flatten(self.steps)
         validate = self._validate_args

@@ -310,12 +310,12 @@ def test_errors_name_the_site_or_the_loop():
 
     def enumerated():
         def step(c, _):
-            sg.sample("a", dist.Bernoulli(logits=0.0), estimator=sg.Enumerate())
-            return c, None
+            a = sg.sample("a", dist.Bernoulli(logits=0.0), estimator=sg.Enumerate())
+            sg.factor("f", c * a)
+            return c + a, None
         sg.scan(step, 0.0, length=2)
-        sg.factor("f", jnp.zeros(()))
 
-    with pytest.raises(sg.SiteError, match="'a'"):
+    with pytest.raises(sg.SiteError, match="'a' is enumerated inside sg.scan 'time'.*'f'"):
         sg.Expectation().loss(0, {}, enumerated)
 
 

@@ -14,7 +14,14 @@ import pytest
 
 import scgjax as sg
 from scgjax import dist
-from tests.models import SCAN_YS, scan_chain_guide, scan_chain_model, scan_chain_paths
+from tests.models import (
+    SCAN_YS,
+    bern_logp,
+    normal_logp,
+    scan_chain_guide,
+    scan_chain_model,
+    scan_chain_paths,
+)
 from tests.stats import assert_unbiased, grad_samples, mean_and_se
 
 YS = jnp.asarray(SCAN_YS)
@@ -220,6 +227,40 @@ def test_pathwise_through_the_carry_is_exact_on_average():
         jax.random.split(jax.random.key(1), 400))
     mean, se = mean_and_se(values)
     assert abs(mean - exact(params)) < 5 * se
+
+
+def test_enumerate_per_step_where_a_step_reaches_only_its_own_costs():
+    """A step's site that does not reach the carry is summed out step by step: the ELBO and its
+    gradient are exact to float precision."""
+    def model(ys):
+        def step(c, y):
+            z = sg.sample("z", dist.Bernoulli(logits=-0.5))
+            sg.sample("y", dist.Normal(2.0 * z - 1.0 + 0.1 * c, 1.0), obs=y)
+            return c + y, None
+        sg.scan(step, 0.0, xs=ys)
+
+    def guide(ys):
+        v = sg.param("v", jnp.array([0.2, 0.5]))
+
+        def step(c, y):
+            sg.sample("z", dist.Bernoulli(logits=v[0] + v[1] * y), estimator=sg.Enumerate())
+            return c + y, None
+        sg.scan(step, 0.0, xs=ys)
+
+    def exact(v):
+        c = jnp.concatenate([jnp.zeros(1), jnp.cumsum(YS)[:-1]])
+        total = 0.0
+        for z in (0.0, 1.0):
+            q = jnp.exp(bern_logp(z, v[0] + v[1] * YS))
+            lp = bern_logp(z, -0.5) + normal_logp(YS, 2.0 * z - 1.0 + 0.1 * c, 1.0)
+            total = total + jnp.sum(q * (lp - jnp.log(q)))
+        return total
+
+    params = sg.init_params(0, model, guide, YS)
+    loss, grad = jax.value_and_grad(sg.ELBO().loss, argnums=1)(jax.random.key(0), params,
+                                                               model, guide, YS)
+    np.testing.assert_allclose(-loss, exact(params["v"]), rtol=1e-5)
+    np.testing.assert_allclose(-grad["v"], jax.grad(exact)(params["v"]), rtol=1e-4, atol=1e-5)
 
 
 def test_enumerate_inside_a_loop_is_refused_naming_the_site():

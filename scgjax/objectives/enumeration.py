@@ -35,11 +35,15 @@ def check(structure: Structure, enumerated: tuple[str, ...]) -> None:
     scg = structure.scg
     for e in enumerated:
         plates = set(scg.nodes[e].plates)
-        loops = [p for p in plates if scg.plates[p].time]
-        if loops:
-            raise SiteError(e, f"is enumerated inside sg.scan '{loops[0]}'; enumerating a "
-                            "loop's site jointly over its steps is not supported: use a "
-                            "sampling estimator (sg.RLOO(), sg.ScoreFunction(), ...)")
+        loops = [i for i, p in enumerate(scg.plates) if p in plates and scg.plates[p].time]
+        for c in scg.credited_costs(e) if loops else ():
+            if any(scg.axis_credits(e, c)[i] is not True for i in loops):
+                loop = list(scg.plates)[loops[0]]
+                raise SiteError(
+                    e, f"is enumerated inside sg.scan '{loop}', but its value reaches the cost "
+                    f"'{c}' of other steps (through the carry, or outside the loop): each step "
+                    "can only be summed on its own when it reaches its own step's costs. Use a "
+                    "sampling estimator (sg.RLOO(), sg.ScoreFunction(), ...)")
         for w in scg.descendants(e):
             if scg.nodes[w].estimator.uses_signal:
                 raise SiteError(

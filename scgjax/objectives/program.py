@@ -92,10 +92,6 @@ class estimate(Messenger):
         msg["estimator"] = est
         if msg["value"] is not None:
             return  # substituted, replayed or conditioned inside the program
-        if msg["name"] in self.enum_index and self._step is not None:
-            raise SiteError(msg["name"], f"is enumerated inside sg.scan '{self._step.name}'; "
-                            "enumerating a loop's site jointly over its steps is not supported: "
-                            "use a sampling estimator (sg.RLOO(), sg.ScoreFunction(), ...)")
         if msg["name"] in self.enum_index:
             support = fn.enumerate_support(expand=False)[self.enum_index[msg["name"]]]
             msg["value"] = jnp.broadcast_to(support, fn.batch_shape)

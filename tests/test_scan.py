@@ -347,3 +347,25 @@ def test_reverse_loop_credits_the_earlier_indices():
     obj = sg.Expectation(num_particles=20)
     g = grad_samples(lambda key, p: obj.loss(key, p, program), params, 400)
     assert_unbiased(g, jax.grad(lambda p: exact(p["w"]))(params))
+
+
+def test_plates_inside_the_body():
+    """The body opens the plate (each step, E agents): credit is per agent and rewards-to-go
+    in time, and the gradient is exact on average."""
+    def program():
+        w = sg.param("w", jnp.array([0.3, -0.2]))
+
+        def step(state, x):
+            with sg.plate("agents", E):
+                a = sg.sample("a", dist.Bernoulli(logits=w[0] + w[1] * state + x))
+                sg.factor("r", (a - 0.5) * (state + x) + 0.1 * a)
+            return state + a, None
+        sg.scan(step, jnp.zeros(E), xs=XS)
+
+    scg = sg.graph(program)
+    assert scg.credit["a"] == (("r", (frozenset({0, 1}), True)),)
+    assert scg.nodes["a"].batch_shape == (T, E)
+    params = sg.init_params(0, program)
+    obj = sg.Expectation(num_particles=20)
+    g = grad_samples(lambda key, p: obj.loss(key, p, program), params, 400)
+    assert_unbiased(g, jax.grad(lambda p: exact_return(p["w"]))(params))

@@ -254,15 +254,13 @@ def scan_chain_guide(ys, estimator=None):
 
 
 def scan_chain_paths(ys, v):
-    """``(log q, log p)`` of every path ``z_{1:T}`` of the chain (``2^T`` rows)."""
-    lqs, lps = [], []
-    for path in itertools.product([0.0, 1.0], repeat=len(ys)):
-        prev, lq, lp = 0.0, 0.0, 0.0
-        for t, z in enumerate(path):
-            lq = lq + bern_logp(z, v[0] + v[1] * ys[t] + v[2] * prev)
-            lp = lp + bern_logp(z, jnp.where(prev > 0, 1.0, -1.0)) + normal_logp(
-                ys[t], 2.0 * z - 1.0, 1.0)
-            prev = z
-        lqs.append(lq)
-        lps.append(lp)
-    return jnp.array(lqs), jnp.array(lps)
+    """``(log q, log p)`` of every path ``z_{1:T}`` of the chain (``2^T`` rows, vectorised)."""
+    paths = jnp.array(list(itertools.product([0.0, 1.0], repeat=len(ys))))
+    prev, lq, lp = jnp.zeros(len(paths)), 0.0, 0.0
+    for t in range(len(ys)):
+        z = paths[:, t]
+        lq = lq + bern_logp(z, v[0] + v[1] * ys[t] + v[2] * prev)
+        lp = lp + bern_logp(z, jnp.where(prev > 0, 1.0, -1.0)) + normal_logp(
+            ys[t], 2.0 * z - 1.0, 1.0)
+        prev = z
+    return lq, lp

@@ -244,3 +244,108 @@ def test_main_smoke(pg, tmp_path, capsys):
         assert r["ms_per_step"] > 0
         assert set(r["signal_variance"]["initial"]) == {"a0", "a1"}
     assert result["variants"]["rewards-to-go"]["variance_ratio"] == pytest.approx(1.0)
+
+
+# --- (6) the long-horizon version: the episode in sg.scan -------------------------------------
+
+
+def test_scan_credit_is_rewards_to_go_from_the_loops_data_flow(pg, env):
+    per_step = sg.graph(functools.partial(pg.episode_scan, env, HORIZON, 3, True))
+    # one site and one cost with a time axis, not one per step
+    assert set(per_step.nodes) == {"a"} and tuple(per_step.costs) == ("r",)
+    assert per_step.nodes["a"].plates == ("time", "episodes")
+    # step s of a reaches step t of r at t - s = 0 (the body) and t - s > 0 (the carry)
+    assert per_step.time_credit("a", "r", "time") == {0, 1}
+    assert per_step.credited_costs("a") == ("r",)
+    assert "episodes" in per_step.shared_plates("a", "r")
+    whole = sg.graph(functools.partial(pg.episode_scan, env, HORIZON, 3, False))
+    assert tuple(whole.costs) == ("return",)
+    assert whole.credited_costs("a") == ("return",)
+    assert whole.shared_plates("a", "return") == ("episodes",)
+
+
+def test_scan_episode_writes_the_same_rewards_as_the_loop(pg, env):
+    actions = [RIGHT, UP, RIGHT, RIGHT, DOWN, RIGHT, UP]
+    fn = functools.partial(pg.episode_scan, env, len(actions), 1, True)
+    data = {"a": jnp.array(actions)[:, None]}  # (T, B): one entry per step
+    tr = sg.handlers.trace(sg.handlers.seed(sg.handlers.substitute(fn, data), 0)).get_trace()
+    rewards = tr["r"]["fn"].log_prob(tr["r"]["value"])
+    assert rewards.shape == (len(actions), 1)
+    np.testing.assert_allclose(rewards[:, 0], [-0.1] * 5 + [1.0, -0.1], rtol=1e-6)
+    whole = functools.partial(pg.episode_scan, env, len(actions), 1, False)
+    tr = sg.handlers.trace(sg.handlers.seed(sg.handlers.substitute(whole, data), 0)).get_trace()
+    assert float(tr["return"]["fn"].log_prob(tr["return"]["value"])[0]) == pytest.approx(0.4)
+
+
+@pytest.fixture(scope="module")
+def scan_samples(pg, env, instance):
+    """Gradient samples of both sg.scan programs with RLOO (K = 2, the --scan default) at the
+    logits of ``instance``."""
+    objective = sg.Expectation(num_particles=2)
+    samples = {}
+    for name, per_step in pg.VARIANTS.items():
+        fn = functools.partial(pg.episode_scan, env, HORIZON, BATCH, per_step,
+                               estimator=sg.RLOO())
+        loss = lambda key, p, fn=fn: objective.loss(key, p, fn)
+        samples[name] = grad_samples(loss, instance["params"], NUM_SAMPLES // 2,
+                                     seed=2)["logits"]
+    return samples
+
+
+@pytest.mark.parametrize("variant", ["rewards-to-go", "whole return"])
+def test_scan_estimators_are_unbiased(instance, scan_samples, variant):
+    assert_unbiased({"logits": scan_samples[variant]}, {"logits": instance["exact"]})
+
+
+def test_scan_rewards_to_go_has_lower_gradient_variance(scan_samples):
+    per_step = np.var(np.asarray(scan_samples["rewards-to-go"]), axis=0).sum()
+    whole = np.var(np.asarray(scan_samples["whole return"]), axis=0).sum()
+    assert whole > 1.3 * per_step, (whole, per_step)
+
+
+def test_scan_flags(pg):
+    args = pg.parse(["--scan"])
+    assert (args.horizon, args.estimator, args.num_particles) == (200, "rloo", 2)
+    assert args.loop_horizons == [10, 20, 50] and max(args.scan_horizons) >= 500
+    quick = pg.parse(["--scan", "--quick", "--horizon", "30"])
+    assert quick.horizon == 30 and quick.steps < 200 and quick.seeds == [0]
+    assert pg.parse([]).horizon == 20 and pg.parse([]).loop_horizons is None
+    assert pg.parse(["--quick"]).horizon == 6
+    for argv in (["--loop-horizons", "5"], ["--scan", "--scan-horizons", "0,5"],
+                 ["--scan", "--variance-horizons", "x"], ["--scan", "--compile-repeats", "0"]):
+        with pytest.raises(SystemExit):
+            pg.parse(argv)
+
+
+@pytest.fixture
+def fast_compile():
+    """XLA's optimisations off: a smoke run's many small programs compile about 2x faster."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def test_main_scan_smoke(pg, tmp_path, capsys, fast_compile):
+    result = pg.main(["--scan", "--quick", "--estimator", "score", "--steps", "8",
+                      "--horizon", "12", "--loop-horizons", "3", "--scan-horizons", "3,30",
+                      "--variance-horizons", "12", "--variance-samples", "16",
+                      "--eval-every", "4", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "trace" in out and "compile" in out and "ms/step" in out
+    for name in ("scan_compile.png", "scan_training.png", "scan_policy.png"):
+        path = tmp_path / name
+        assert path.is_file() and path.stat().st_size > 1000, path
+    assert (tmp_path / "scan_graph.dot").read_text().startswith("digraph")
+    assert result["time_credit"] == {0, 1}
+    assert result["credited"] == {"rewards-to-go": ("r",), "whole return": ("return",)}
+    assert set(result["timings"]["Python loop"]) == {3}
+    assert set(result["timings"]["sg.scan"]) == {3, 30}
+    for by_t in result["timings"].values():
+        for trace, xla, call in by_t.values():
+            assert trace > 0 and xla > 0 and call > 0
+    assert set(result["variance_by_horizon"]["whole return"]) == {12}
+    for name, r in result["variants"].items():
+        np.testing.assert_array_equal(r["eval_steps"], [0, 4, 8])
+        assert np.all(np.isfinite(r["returns"])) and np.all(r["variances"] > 0), name
+        np.testing.assert_allclose(r["returns"][:, 0], result["uniform_return"], rtol=1e-5)

@@ -56,17 +56,22 @@ def episodes_python_loop(estimator=None):
             state = state + a
 
 
+def all_paths(n: int) -> jax.Array:
+    """The ``2^n`` binary paths, one per row."""
+    return jnp.array(list(itertools.product([0.0, 1.0], repeat=n)))
+
+
 def exact_return(w, linked=True):
-    """E[sum of rewards] of the ``E`` episodes, by enumerating the 2^T paths."""
-    total = 0.0
-    for path in itertools.product([0.0, 1.0], repeat=T):
-        state, lp, r = 0.0, 0.0, 0.0
-        for t, a in enumerate(path):
-            lp = lp + bern_logp(a, w[0] + w[1] * state + XS[t])
-            r = r + (a - 0.5) * (state + XS[t]) + 0.1 * a
-            state = state + (a if linked else 0.5)
-        total = total + jnp.exp(lp) * r
-    return E * total
+    """E[sum of rewards] of the ``E`` episodes, by enumerating the 2^T paths (vectorised over
+    the paths)."""
+    paths = all_paths(T)
+    state, lp, r = jnp.zeros(len(paths)), 0.0, 0.0
+    for t in range(T):
+        a = paths[:, t]
+        lp = lp + bern_logp(a, w[0] + w[1] * state + XS[t])
+        r = r + (a - 0.5) * (state + XS[t]) + 0.1 * a
+        state = state + (a if linked else 0.5)
+    return E * jnp.sum(jnp.exp(lp) * r)
 
 
 @pytest.fixture(scope="module")
@@ -212,15 +217,14 @@ def test_dice_hessian_through_the_loop():
         sg.scan(step, 0.0, xs=xs)
 
     def exact(w):
-        total = 0.0
-        for path in itertools.product([0.0, 1.0], repeat=t_small):
-            state, lp, r = 0.0, 0.0, 0.0
-            for t, a in enumerate(path):
-                lp = lp + bern_logp(a, w[0] + w[1] * state + xs[t])
-                r = r + (a - 0.5) * (state + xs[t]) + 0.1 * a
-                state = state + a
-            total = total + jnp.exp(lp) * r
-        return total
+        paths = all_paths(t_small)
+        state, lp, r = jnp.zeros(len(paths)), 0.0, 0.0
+        for t in range(t_small):
+            a = paths[:, t]
+            lp = lp + bern_logp(a, w[0] + w[1] * state + xs[t])
+            r = r + (a - 0.5) * (state + xs[t]) + 0.1 * a
+            state = state + a
+        return jnp.sum(jnp.exp(lp) * r)
 
     params = sg.init_params(0, program)
     obj = sg.Expectation(num_particles=10)
@@ -332,15 +336,14 @@ def test_reverse_loop_credits_the_earlier_indices():
         sg.scan(step, 0.0, xs=XS, reverse=True)
 
     def exact(w):
-        total = 0.0
-        for path in itertools.product([0.0, 1.0], repeat=T):
-            state, lp, r = 0.0, 0.0, 0.0
-            for t, a in zip(range(T - 1, -1, -1), path, strict=True):
-                lp = lp + bern_logp(a, w[0] + w[1] * state + XS[t])
-                r = r + (a - 0.5) * (state + XS[t]) + 0.1 * a
-                state = state + a
-            total = total + jnp.exp(lp) * r
-        return total
+        paths = all_paths(T)
+        state, lp, r = jnp.zeros(len(paths)), 0.0, 0.0
+        for i, t in enumerate(range(T - 1, -1, -1)):
+            a = paths[:, i]
+            lp = lp + bern_logp(a, w[0] + w[1] * state + XS[t])
+            r = r + (a - 0.5) * (state + XS[t]) + 0.1 * a
+            state = state + a
+        return jnp.sum(jnp.exp(lp) * r)
 
     assert sg.graph(program).time_credit("a", "r", "time") == {-1, 0}
     params = sg.init_params(0, program)

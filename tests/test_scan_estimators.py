@@ -222,9 +222,8 @@ def test_pathwise_through_the_carry_is_exact_on_average():
         return lg_exact_elbo(c["a"], c["b"], c["s"], YS)
 
     assert_unbiased(g, jax.grad(exact)(params))
-    values = jax.vmap(lambda k: -sg.ELBO(num_particles=4).loss(k, params, lg_model, lg_guide,
-                                                                YS))(
-        jax.random.split(jax.random.key(1), 400))
+    values = jax.jit(jax.vmap(lambda k: -sg.ELBO(num_particles=4).loss(
+        k, params, lg_model, lg_guide, YS)))(jax.random.split(jax.random.key(1), 400))
     mean, se = mean_and_se(values)
     assert abs(mean - exact(params)) < 5 * se
 

@@ -22,8 +22,8 @@ JAX: no Python control flow on traced values.
 ``25 x 4`` logits, initially 0 (uniform).
 
 **The programs.** An episode is an scgjax program run by ``sg.Expectation`` (no guide): a
-Python loop over ``t = 0..T-1`` (unrolled: scgjax does not allow sample sites inside a
-program-applied ``lax.scan``) with ``a_t = sg.sample(f"a{t}", Categorical(logits=θ[s_t]))``,
+Python loop over ``t = 0..T-1`` (unrolled into ``T`` sites; ``--scan`` below runs the same
+episode as one ``sg.scan``) with ``a_t = sg.sample(f"a{t}", Categorical(logits=θ[s_t]))``,
 ``s_{t+1} = next_state[s_t, a_t]``, ``r_t = reward[s_t, a_t]``, vectorised over a batch of
 ``B`` episodes by ``sg.plate("episodes", B)``. Two ways to write the rewards (each divided by
 ``B``, so the objective is the mean return of the batch):
@@ -92,10 +92,63 @@ average; exact returns, deterministic given the seeds)::
 Per step, the rewards-to-go program costs more (``T`` cost nodes instead of one, each with its
 own credit): about 0.8 against 0.6 ms on a 2-core CPU.
 
-Run (about 40 s of CPU time; 1.5 minutes on a shared 2-core CPU)::
+**Long horizons: the episode as one** ``sg.scan`` (``--scan``). A Python loop unrolls into
+``T`` sample sites and ``T`` factors: tracing, the credit analysis and XLA's compile grow with
+``T`` (about 4, 6 and 15-22 s at ``T = 10, 20, 50`` with RLOO on a shared 2-core CPU), so
+hundreds of steps would take minutes. :func:`episode_scan` writes the same episode as
+``sg.scan(step, (s_0, 0), length=T)`` whose body samples ``a = sg.sample("a", ...)`` and writes
+``sg.factor("r", r / B)``: one site ``a`` and one cost ``r`` with a leading time axis ``(T,
+B)``, the body traced once and compiled as one ``lax.scan``. The credit is still rewards-to-go,
+now read from the loop's data flow: ``sg.graph(episode_scan).time_credit("a", "r", "time") ==
+{0, 1}`` (step ``s`` of ``a`` reaches step ``t`` of ``r`` at ``t - s = 0`` through the body and
+``t - s > 0`` through the carried state, never before). The whole-return variant carries ``Σ_t
+r_t`` out of the loop into one factor.
+``--scan`` measures
+
+- the time to trace and compile one jitted gradient step (``jax.jit(...).lower().compile()``,
+  split into tracing, scgjax's analysis included, and XLA) and the time per step, against
+  ``T``: the Python loop at ``--loop-horizons`` (default 10, 20, 50), ``sg.scan`` at
+  ``--scan-horizons`` (default 10 ... 1000), in ``scan_compile.png``;
+- the gradient variance of both credits at the uniform policy against ``T``
+  (``--variance-horizons``), and along training at ``T = --horizon`` (default 200), with the
+  exact learning curves of both, in ``scan_training.png``; ``scan_policy.png`` (the final
+  policies) and ``scan_graph.dot``.
+
+In ``--scan`` mode the estimator defaults to ``rloo`` with ``K = 2``: its baseline is per
+element, so per step and per episode. ``MovingAverage`` keeps one scalar per *site*; a loop's
+site ``a`` is one site for all ``T`` steps, so its single baseline sits near the mean of
+``G_0 ... G_{T-1}``, far from ``E[G_t]`` at both ends of the episode (the Python loop has a
+baseline per ``a_t``). With it (``--estimator score``) rewards-to-go loses its edge at ``T =
+200``: in one run (seed 0, 400 steps) its gradient variance was 370 and 49 at steps 133 and 267
+against the whole return's 175 and 24, and it ended at return 11.4 against 13.1 (the whole
+return's single baseline, ``E[R]``, is the right constant for every step). Results of ``--scan``
+with its defaults (``T = 200``, ``B = 8``, RLOO ``K = 2``, 600 steps, 5 seeds; optimum 16.3,
+uniform policy -32.0; exact returns; the times on a 2-core CPU shared with other work, load
+average about 6, the fastest of 2 rounds)::
+
+    trace + compile (s)  T=10  T=20  T=50  T=100  T=200  T=500  T=1000
+    Python loop           4.0   6.7  22.4
+    sg.scan               2.5   2.2   2.5    2.6    2.3    2.1     2.0
+
+    whole / rewards-to-go gradient variance, uniform policy:
+    T=20 1.82x, T=50 1.98x, T=100 1.94x, T=200 2.07x, T=500 2.02x
+
+    variant          final return     steps to 90%  grad variance  variance / rtg
+    rewards-to-go  15.714 ± 0.028  202 (5/5 seeds)          3.336            1.00
+    whole return   15.340 ± 0.018  258 (5/5 seeds)          9.089            2.72
+
+(An earlier run, one round, not interleaved: loop 3.3, 5.8, 14.9 s; scan 1.5-3.0 s.) Once
+compiled, a step costs about as much either way (0.50 against 0.25 ms at ``T = 50`` in this
+run, 0.77 against 0.80 in the earlier one) and grows linearly with ``T`` (2.8 ms at ``T =
+1000``). Both variances grow like ``T²``.
+
+Run (about 40 s of CPU time; 1.5 minutes on a shared 2-core CPU; ``--scan`` 2.5 minutes of CPU
+time, 3.5 on a shared 2-core CPU)::
 
     python examples/policy_gradient.py                       # 600 steps, 5 seeds, B = 8, T = 20
     python examples/policy_gradient.py --estimator rloo --num-particles 2 --seeds 0,1,2
+    python examples/policy_gradient.py --scan                # T = 200 in sg.scan; compile times
+    python examples/policy_gradient.py --scan --quick        # the same, small (CI)
     dot -Tpng out/policy_gradient/graph.dot -o graph.png     # render the graph (Graphviz)
 """
 
@@ -130,6 +183,7 @@ __all__ = [
     "GridWorld",
     "RunResult",
     "episode",
+    "episode_scan",
     "exact_return",
     "main",
     "make_estimator",
@@ -137,6 +191,7 @@ __all__ = [
     "occupancy",
     "optimal_return",
     "parse",
+    "step_timings",
     "train_run",
 ]
 
@@ -266,6 +321,34 @@ def episode(env: GridWorld, horizon: int, num_episodes: int, per_step: bool = Tr
             sg.factor("return", total / num_episodes)
 
 
+def episode_scan(env: GridWorld, horizon: int, num_episodes: int, per_step: bool = True,
+                 estimator: sg.Estimator | None = None) -> None:
+    """The episodes of :func:`episode` as one ``sg.scan`` over ``horizon`` steps.
+
+    The body samples ``a = sg.sample("a", ...)`` and, with ``per_step``, writes
+    ``sg.factor("r", r_t / B)``: one site ``a`` and one cost ``r`` of batch shape ``(T, B)``
+    (the loop's time axis ``"time"`` in front of the ``episodes`` plate). The carry is the
+    state and the return so far, of the plate's shape ``(B,)``; without ``per_step`` the return
+    leaves the loop into one ``sg.factor("return", R / B)``. The body is traced once, so the
+    program's size and its compile time do not grow with ``horizon``.
+    """
+    logits = sg.param("logits", jnp.zeros((env.num_states, len(ACTIONS))))
+
+    def step(carry, _):
+        s, total = carry
+        a = sg.sample("a", dist.Categorical(logits=logits[s]), estimator=estimator)
+        s, r = env.step(s, a)
+        if per_step:
+            sg.factor("r", r / num_episodes)
+        return (s, total + r), None
+
+    start = (jnp.full((num_episodes,), env.start, jnp.int32), jnp.zeros((num_episodes,)))
+    with sg.plate("episodes", num_episodes):
+        (_, total), _ = sg.scan(step, start, length=horizon)
+        if not per_step:
+            sg.factor("return", total / num_episodes)
+
+
 # --------------------------------------------------------------------------------------------
 # Exact evaluation
 
@@ -343,6 +426,39 @@ def make_gradient_sampler(objective: sg.Objective, fn: Callable) -> Callable:
         return total, signal_var
 
     return sample
+
+
+def step_timings(objective: sg.Objective, fn: Callable, compiles: int = 1, calls: int = 20
+                 ) -> tuple[float, float, float]:
+    """``(trace seconds, compile seconds, seconds per call)`` of one jitted gradient step.
+
+    The step is ``jax.jit(jax.value_and_grad(loss))`` of ``objective.loss_with_state`` on the
+    program ``fn`` at its initial params and estimator state. Tracing
+    (``jitted.lower(...)``) runs the program and scgjax's analysis (the sites, the data flow,
+    the credit) and builds the surrogate; compiling (``lowered.compile()``) is XLA's. Each is
+    the fastest of ``compiles`` fresh ``jax.jit``s (on a shared machine the fastest is the
+    least disturbed); the time per call is the median of ``calls`` calls after a first one.
+    """
+    params = sg.init_params(0, fn)
+    state = objective.init_state(0, params, fn)
+    key = jax.random.key(0)
+    trace_s, compile_s = math.inf, math.inf
+    for _ in range(compiles):
+        step = jax.jit(jax.value_and_grad(
+            lambda p, k: objective.loss_with_state(k, p, state, fn)[0]))
+        start = time.perf_counter()
+        lowered = step.lower(params, key)
+        traced = time.perf_counter()
+        compiled = lowered.compile()
+        done = time.perf_counter()
+        trace_s, compile_s = min(trace_s, traced - start), min(compile_s, done - traced)
+    jax.block_until_ready(compiled(params, key))
+    seconds = []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, jax.random.key(i + 1)))
+        seconds.append(time.perf_counter() - t0)
+    return trace_s, compile_s, float(np.median(seconds))
 
 
 @dataclasses.dataclass
@@ -517,6 +633,90 @@ def plot_policy(path: Path, env: GridWorld, policies: dict[str, jax.Array], hori
     plt.close(fig)
 
 
+LOOP_COLOUR, SCAN_COLOUR = "#d62728", "#1f77b4"
+
+
+def plot_compile(path: Path, timings: dict[str, dict[int, tuple[float, float, float]]],
+                 title: str) -> None:
+    """Left: seconds to trace + compile one gradient step against ``T`` (solid: total; dashed:
+    XLA's compile alone), Python loop vs ``sg.scan``. Right: milliseconds per step."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, colour in (("Python loop", LOOP_COLOUR), ("sg.scan", SCAN_COLOUR)):
+        by_t = timings[label]
+        ts = sorted(by_t)
+        trace = np.array([by_t[t][0] for t in ts])
+        xla = np.array([by_t[t][1] for t in ts])
+        ax.plot(ts, trace + xla, "o-", color=colour, label=f"{label}: trace + compile")
+        ax.plot(ts, xla, "s--", ms=4, color=colour, alpha=0.7, label=f"{label}: XLA compile")
+        bx.plot(ts, [1e3 * by_t[t][2] for t in ts], "o-", color=colour, label=label)
+    horizons = sorted(set(timings["Python loop"]) | set(timings["sg.scan"]))
+    for a in (ax, bx):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xticks(horizons)
+        a.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        a.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        a.set_xlabel("horizon T (steps per episode)")
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=8)
+    ax.set_ylabel("seconds, once per program")
+    ax.set_title(f"time to trace and compile one gradient step; {title}", fontsize=9)
+    bx.set_ylabel("ms per gradient step (compiled)")
+    bx.set_title("time per step after compiling", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scan_training(path: Path, by_horizon: dict[str, dict[int, float]],
+                       runs: dict[str, list[RunResult]], optimum: float, uniform: float,
+                       horizon: int, title: str) -> None:
+    """Left: gradient variance at the uniform policy against ``T``, per credit. Middle:
+    gradient variance along training at ``T = horizon`` (geometric mean over seeds, min-max
+    band). Right: exact return along training (mean, min-max)."""
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, values in by_horizon.items():
+        ts = sorted(values)
+        ax.plot(ts, [values[t] for t in ts], "o-", color=COLOURS[name], label=name)
+    ref, other = by_horizon["rewards-to-go"], by_horizon["whole return"]
+    for t in sorted(ref):
+        ax.annotate(f"{other[t] / ref[t]:.1f}x", (t, other[t]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=7, color=COLOURS["whole return"])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(ref))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("horizon T")
+    ax.set_ylabel("gradient variance (trace of covariance)")
+    ax.set_title("at the uniform policy (labels: whole / to-go)", fontsize=9)
+    for name, results in runs.items():
+        steps = results[0].variance_steps
+        v = np.stack([r.variances for r in results])
+        bx.plot(steps, np.exp(np.log(v).mean(0)), "o-", ms=3, color=COLOURS[name], label=name)
+        bx.fill_between(steps, v.min(0), v.max(0), color=COLOURS[name], alpha=0.2, linewidth=0)
+        returns = np.stack([r.returns for r in results])
+        cx.plot(results[0].eval_steps, returns.mean(0), color=COLOURS[name], label=name)
+        cx.fill_between(results[0].eval_steps, returns.min(0), returns.max(0),
+                        color=COLOURS[name], alpha=0.2, linewidth=0)
+    bx.set_yscale("log")
+    bx.set_xlabel("training step")
+    bx.set_ylabel("gradient variance (trace of covariance)")
+    bx.set_title(f"along training, T = {horizon}", fontsize=9)
+    cx.axhline(optimum, color="k", ls="--", lw=1, label=f"optimum {optimum:.1f}")
+    cx.axhline(uniform, color="gray", ls=":", lw=1, label=f"uniform policy {uniform:.1f}")
+    cx.set_xlabel("training step")
+    cx.set_ylabel("expected return (exact)")
+    cx.set_title(f"learning curves in sg.scan, T = {horizon}; {title}", fontsize=9)
+    for a in (ax, bx, cx):
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 
@@ -531,32 +731,80 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+#: defaults of the flags left unset: Python loop / ``--scan``, full size / ``--quick``
+DEFAULTS = {
+    "loop": {"steps": 600, "seeds": [0, 1, 2, 3, 4], "horizon": 20, "estimator": "score",
+             "checkpoints": 7, "variance_samples": 500},
+    "loop-quick": {"steps": 80, "seeds": [0], "horizon": 6, "estimator": "score",
+                   "checkpoints": 3, "variance_samples": 64},
+    "scan": {"steps": 600, "seeds": [0, 1, 2, 3, 4], "horizon": 200, "estimator": "rloo",
+             "checkpoints": 7, "variance_samples": 500, "loop_horizons": [10, 20, 50],
+             "scan_horizons": [10, 20, 50, 100, 200, 500, 1000],
+             "variance_horizons": [20, 50, 100, 200, 500], "compile_repeats": 2},
+    "scan-quick": {"steps": 60, "seeds": [0], "horizon": 50, "estimator": "rloo",
+                   "checkpoints": 2, "variance_samples": 32, "loop_horizons": [4, 8],
+                   "scan_horizons": [8, 500], "variance_horizons": [50], "compile_repeats": 1},
+}
+
+
+def _horizons(text: str) -> list[int]:
+    try:
+        values = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"horizons must be comma-separated integers: {text}") from e
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one horizon")
+    return values
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The flags (see ``--help``)."""
     p = argparse.ArgumentParser(prog="policy_gradient.py",
                                 description=__doc__.split("\n", 1)[0])
-    p.add_argument("--steps", type=int, default=600, help="Adam steps (default: %(default)s)")
-    p.add_argument("--seeds", "--seed", type=_seeds, default=[0, 1, 2, 3, 4],
+    p.add_argument("--scan", action="store_true",
+                   help="the long-horizon experiment: the episode in sg.scan, compile time "
+                   "against T, gradient variance and learning curves at T = --horizon")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for every flag left unset (CI; under 30 s); with --scan "
+                   "also XLA's optimisations off (faster compiles, timings that mean little)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Adam steps (default: 600; --quick: 80, with --scan 60)")
+    p.add_argument("--seeds", "--seed", type=_seeds, default=None,
                    help="comma-separated PRNG seeds, one run per seed and variant "
-                   "(default: 0,1,2,3,4)")
+                   "(default: 0,1,2,3,4; --quick: 0)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="episodes per step, B (default: %(default)s)")
-    p.add_argument("--horizon", type=int, default=20,
-                   help="steps per episode, T (default: %(default)s)")
+    p.add_argument("--horizon", type=int, default=None,
+                   help="steps per episode, T (default: 20, with --scan 200; --quick: 6, "
+                   "with --scan 50)")
     p.add_argument("--lr", type=float, default=0.02,
                    help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--estimator", choices=("score", "rloo"), default="score",
+    p.add_argument("--estimator", choices=("score", "rloo"), default=None,
                    help="score: score function with a moving-average baseline; rloo: "
-                   "leave-one-out over --num-particles (default: %(default)s)")
+                   "leave-one-out over --num-particles (default: score, with --scan rloo)")
     p.add_argument("--num-particles", type=int, default=None,
                    help="particles K (default: 1 for score, 2 for rloo)")
     p.add_argument("--eval-every", type=int, default=10,
                    help="steps between exact evaluations (default: %(default)s)")
-    p.add_argument("--checkpoints", type=int, default=7,
+    p.add_argument("--checkpoints", type=int, default=None,
                    help="points along each run where the gradient variance is measured "
-                   "(default: %(default)s)")
-    p.add_argument("--variance-samples", type=int, default=500,
-                   help="gradient estimates per variance measurement (default: %(default)s)")
+                   "(default: 7; --quick: 3, with --scan 2)")
+    p.add_argument("--variance-samples", type=int, default=None,
+                   help="gradient estimates per variance measurement (default: 500; "
+                   "--quick: 64, with --scan 32)")
+    p.add_argument("--loop-horizons", type=_horizons, default=None,
+                   help="--scan: horizons T at which the Python loop's compile time is "
+                   "measured (default: 10,20,50; --quick: 4,8)")
+    p.add_argument("--scan-horizons", type=_horizons, default=None,
+                   help="--scan: horizons T at which sg.scan's compile time is measured "
+                   "(default: 10,20,50,100,200,500,1000; --quick: 8,500)")
+    p.add_argument("--variance-horizons", type=_horizons, default=None,
+                   help="--scan: horizons T at which the gradient variance at the uniform "
+                   "policy is measured (default: 20,50,100,200,500; --quick: 50)")
+    p.add_argument("--compile-repeats", type=int, default=None,
+                   help="--scan: rounds of compiling every program (interleaved); the fastest "
+                   "of each is kept (default: 2; --quick: 1)")
     p.add_argument("--out", type=Path, default=Path("out") / "policy_gradient",
                    help="folder for the PNGs and graph.dot (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -567,9 +815,19 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags (``None``: ``sys.argv[1:]``)."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    mode = ("scan" if args.scan else "loop") + ("-quick" if args.quick else "")
+    for flag, value in DEFAULTS[mode].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, copy.copy(value))
     for flag in ("steps", "batch_size", "horizon", "eval_every", "checkpoints"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be a positive integer")
+    for flag in ("loop_horizons", "scan_horizons", "variance_horizons", "compile_repeats"):
+        values = getattr(args, flag)
+        if values is not None and not args.scan:
+            parser.error(f"--{flag.replace('_', '-')} goes with --scan")
+        if values is not None and min(np.atleast_1d(values)) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive integers")
     if args.checkpoints < 2:
         parser.error("--checkpoints must be at least 2 (the first and the last step)")
     if args.variance_samples < 2:
@@ -594,6 +852,70 @@ def _format_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _summarise(runs: dict[str, list[RunResult]], target: float, args: argparse.Namespace,
+               optimum: float, uniform: float,
+               signal_variance: dict[str, dict[str, dict[str, float]]] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """Per variant: the numbers :func:`main` returns; prints the table."""
+    reference = np.stack([r.variances for r in runs["rewards-to-go"]])
+    summary: dict[str, dict[str, Any]] = {}
+    rows = [("variant", "final return", f"steps to {THRESHOLD:.0%}", "grad variance",
+             "variance / rtg", "ms/step")]
+    for name, results in runs.items():
+        returns = np.stack([r.returns for r in results])
+        variances = np.stack([r.variances for r in results])
+        to_target = [steps_to_threshold(r.eval_steps, r.returns, target) for r in results]
+        ratio = float(np.exp(np.mean(np.log(variances / reference))))
+        reached = [s for s in to_target if not math.isnan(s)]
+        ms = 1e3 * float(np.mean([r.seconds_per_step for r in results]))
+        summary[name] = {
+            "eval_steps": results[0].eval_steps,
+            "returns": returns,
+            "variance_steps": results[0].variance_steps,
+            "variances": variances,
+            "final_return": float(returns[:, -1].mean()),
+            "steps_to_threshold": to_target,
+            "variance": float(np.exp(np.log(variances).mean())),
+            "variance_ratio": ratio,
+            "ms_per_step": ms,
+            "params": results[0].params,
+        }
+        if signal_variance is not None:
+            summary[name]["signal_variance"] = signal_variance[name]
+        steps_text = (f"{np.mean(reached):.0f} ({len(reached)}/{len(results)} seeds)"
+                      if reached else f"not reached (0/{len(results)})")
+        rows.append((name, f"{returns[:, -1].mean():.3f} ± {returns[:, -1].std():.3f}",
+                     steps_text, f"{summary[name]['variance']:.4g}", f"{ratio:.2f}",
+                     f"{ms:.2f}"))
+    print(f"\nafter {args.steps} steps (exact returns; optimum {optimum:.3f}, uniform "
+          f"{uniform:.3f}; {THRESHOLD:.0%} = return {target:.3f}; gradient variance: geometric "
+          f"mean over {args.checkpoints} checkpoints and the seeds):")
+    print(_format_table(rows))
+    return summary
+
+
+def _train_variants(programs: dict[str, Callable], objective: sg.Objective, evaluate: Callable,
+                    args: argparse.Namespace, samplers: dict[str, Callable] | None = None
+                    ) -> dict[str, list[RunResult]]:
+    """:func:`train_run` of every program for every seed, with one progress bar."""
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(programs) * len(args.seeds) * args.steps, desc="policy gradient",
+                   dynamic_ncols=True)
+    runs: dict[str, list[RunResult]] = {}
+    for name, fn in programs.items():
+        svi = sg.SVI(fn, None, optax.adam(args.lr), objective)
+        sampler = (samplers or {}).get(name) or make_gradient_sampler(objective, fn)
+        init = jax.jit(svi.init)  # compiled once, faster than running it op by op per seed
+        runs[name] = [train_run(name, seed, svi, evaluate, sampler, args, bar, init)
+                      for seed in args.seeds]
+    if bar is not None:
+        bar.close()
+    return runs
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train both variants for every seed; plot, write ``graph.dot``, print the table.
 
@@ -608,6 +930,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ``T < 4``), ``paths`` and ``args``.
     """
     args = parse(argv)
+    if args.scan:
+        return main_scan(args)
     env = GridWorld()
     horizon, batch, k = args.horizon, args.batch_size, args.num_particles
     optimum = optimal_return(env, horizon)
@@ -629,21 +953,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         credited[name] = sg.graph(fn, num_particles=k).credited_costs(site)
         print(f"{name}: {site} is credited with {', '.join(credited[name])}")
 
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(VARIANTS) * len(args.seeds) * args.steps, desc="policy gradient",
-                   dynamic_ncols=True)
-    runs: dict[str, list[RunResult]] = {}
-    for name, fn in programs.items():
-        svi = sg.SVI(fn, None, optax.adam(args.lr), objective)
-        sampler = make_gradient_sampler(objective, fn)
-        init = jax.jit(svi.init)  # compiled once, faster than running it op by op per seed
-        runs[name] = [train_run(name, seed, svi, evaluate, sampler, args, bar, init)
-                      for seed in args.seeds]
-    if bar is not None:
-        bar.close()
+    runs = _train_variants(programs, objective, evaluate, args)
     # per episode (the factors are divided by B), at the uniform policy and at the end
     signal_variance = {
         name: {when: {f"a{t}": results[0].signal_variances[i][f"a{t}"] * batch**2
@@ -651,39 +961,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                for when, i in (("initial", 0), ("final", -1))}
         for name, results in runs.items()}
 
-    reference = np.stack([r.variances for r in runs["rewards-to-go"]])
-    summary: dict[str, dict[str, Any]] = {}
-    rows = [("variant", "final return", f"steps to {THRESHOLD:.0%}", "grad variance",
-             "variance / rtg", "ms/step")]
-    for name, results in runs.items():
-        returns = np.stack([r.returns for r in results])
-        variances = np.stack([r.variances for r in results])
-        to_target = [steps_to_threshold(r.eval_steps, r.returns, target) for r in results]
-        ratio = float(np.exp(np.mean(np.log(variances / reference))))
-        reached = [s for s in to_target if not math.isnan(s)]
-        ms = 1e3 * float(np.mean([r.seconds_per_step for r in results]))
-        summary[name] = {
-            "eval_steps": results[0].eval_steps,
-            "returns": returns,
-            "variance_steps": results[0].variance_steps,
-            "variances": variances,
-            "final_return": float(returns[:, -1].mean()),
-            "steps_to_threshold": to_target,
-            "variance": float(np.exp(np.log(variances).mean())),
-            "variance_ratio": ratio,
-            "signal_variance": signal_variance[name],
-            "ms_per_step": ms,
-            "params": results[0].params,
-        }
-        steps_text = (f"{np.mean(reached):.0f} ({len(reached)}/{len(results)} seeds)"
-                      if reached else f"not reached (0/{len(results)})")
-        rows.append((name, f"{returns[:, -1].mean():.3f} ± {returns[:, -1].std():.3f}",
-                     steps_text, f"{summary[name]['variance']:.4g}", f"{ratio:.2f}",
-                     f"{ms:.2f}"))
-    print(f"\nafter {args.steps} steps (exact returns; optimum {optimum:.3f}, uniform "
-          f"{uniform:.3f}; {THRESHOLD:.0%} = return {target:.3f}; gradient variance: geometric "
-          f"mean over {args.checkpoints} checkpoints and the seeds):")
-    print(_format_table(rows))
+    summary = _summarise(runs, target, args, optimum, uniform, signal_variance)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -704,6 +982,124 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "optimal_return": optimum,
         "uniform_return": uniform,
         "target_return": target,
+        "credited": credited,
+        "paths": paths,
+        "args": vars(args),
+    }
+
+
+def main_scan(args: argparse.Namespace) -> dict[str, Any]:
+    """``--scan``: compile time against ``T`` (Python loop vs ``sg.scan``), the gradient
+    variance of both credits against ``T`` at the uniform policy, and training at ``T =
+    --horizon`` in ``sg.scan``; writes ``scan_compile.png``, ``scan_training.png``,
+    ``scan_policy.png`` and ``scan_graph.dot``.
+
+    Returns a dict with ``timings`` (``"Python loop"`` and ``"sg.scan"``: ``T -> (trace s,
+    compile s, s per step)``), ``variance_by_horizon`` (per variant: ``T -> gradient variance``
+    at the uniform policy), ``variants`` (as :func:`main`'s, without ``signal_variance``),
+    ``optimal_return``, ``uniform_return``, ``target_return``, ``time_credit``
+    (``time_credit("a", "r", "time")`` of the rewards-to-go program), ``credited``
+    (``credited_costs("a")`` of each program), ``paths`` and ``args``.
+
+    With ``--quick``, XLA's optimisations are off while it runs (``jax_disable_most_optimizations``;
+    restored after): the many small programs compile about twice as fast, and the compile times
+    it reports mean little.
+    """
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", before or args.quick)
+    try:
+        return _main_scan(args)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+def _main_scan(args: argparse.Namespace) -> dict[str, Any]:
+    env = GridWorld()
+    horizon, batch, k = args.horizon, args.batch_size, args.num_particles
+    optimum = optimal_return(env, horizon)
+    evaluate = jax.jit(functools.partial(exact_return, env, horizon=horizon))
+    uniform = float(evaluate(jnp.zeros((env.num_states, len(ACTIONS)))))
+    target = uniform + THRESHOLD * (optimum - uniform)
+    estimator = make_estimator(args.estimator)
+    objective = sg.Expectation(num_particles=k)
+    print(f"gridworld {env.height}x{env.width} in sg.scan, T={horizon}: optimal return "
+          f"{optimum:.3f}, uniform policy {uniform:.3f}; estimator {args.estimator}, K={k}, "
+          f"B={batch} episodes/step, Adam lr {args.lr:g}, {args.steps} steps, seeds "
+          f"{args.seeds}")
+
+    def program(t: int, per_step: bool = True, loop: Callable = episode_scan) -> Callable:
+        return functools.partial(loop, env, t, batch, per_step, estimator=estimator)
+
+    graph = sg.graph(program(horizon), num_particles=k)
+    time_credit = set(graph.time_credit("a", "r", "time"))
+    credited = {name: sg.graph(program(horizon, per_step), num_particles=k).credited_costs("a")
+                for name, per_step in VARIANTS.items()}
+    print(f"sg.scan: step s of a is credited with step t of r at t - s in {sorted(time_credit)} "
+          "(0: the same step; 1: every later step), i.e. with the rewards-to-go")
+
+    # (1) compile time against T: a first compile warms JAX up, untimed; then every program
+    # once per round, the rounds interleaved (a load on the machine hits both kinds alike),
+    # and the fastest round of each program kept
+    step_timings(objective, program(2), calls=1)
+    kinds = (("Python loop", episode, args.loop_horizons),
+             ("sg.scan", episode_scan, args.scan_horizons))
+    timings: dict[str, dict[int, tuple[float, float, float]]] = {k: {} for k, _, _ in kinds}
+    for _ in range(args.compile_repeats):
+        for label, loop, horizons in kinds:
+            for t in horizons:
+                new = step_timings(objective, program(t, loop=loop))
+                old = timings[label].get(t, new)
+                timings[label][t] = tuple(min(a, b) for a, b in zip(old, new, strict=True))
+    for label, _, horizons in kinds:
+        for t in horizons:
+            trace, xla, call = timings[label][t]
+            print(f"{label:>11}, T={t:>5}: trace {trace:6.2f} s + compile {xla:6.2f} s; "
+                  f"{1e3 * call:7.3f} ms/step")
+
+    # (2) gradient variance at the uniform policy against T (one sampler per program; the
+    # ones at T = horizon are reused for training)
+    keys = jax.random.split(jax.random.key(12345), args.variance_samples)
+    samplers: dict[str, Callable] = {}
+    by_horizon: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}
+    for t in args.variance_horizons:
+        for name, per_step in VARIANTS.items():
+            fn = program(t, per_step)
+            sampler = make_gradient_sampler(objective, fn)
+            params = sg.init_params(0, fn)
+            state = objective.init_state(0, params, fn)
+            by_horizon[name][t] = float(sampler(keys, params, state)[0])
+            if t == horizon:
+                samplers[name] = sampler
+        ratio = by_horizon["whole return"][t] / by_horizon["rewards-to-go"][t]
+        print(f"T={t:>5}, uniform policy: gradient variance "
+              f"{by_horizon['rewards-to-go'][t]:.4g} (rewards-to-go) vs "
+              f"{by_horizon['whole return'][t]:.4g} (whole return): {ratio:.2f}x")
+
+    # (3) training at the long horizon
+    programs = {name: program(horizon, per_step) for name, per_step in VARIANTS.items()}
+    runs = _train_variants(programs, objective, evaluate, args, samplers)
+    summary = _summarise(runs, target, args, optimum, uniform)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"compile": out / "scan_compile.png", "training": out / "scan_training.png",
+             "policy": out / "scan_policy.png", "graph": out / "scan_graph.dot"}
+    setting = f"B={batch}, {args.estimator} (K={k})"
+    plot_compile(paths["compile"], timings, setting)
+    plot_scan_training(paths["training"], by_horizon, runs, optimum, uniform, horizon,
+                       f"{setting}, Adam {args.lr:g}")
+    plot_policy(paths["policy"], env, {n: r[0].params["logits"] for n, r in runs.items()},
+                horizon)
+    paths["graph"].write_text(sg.graph(program(3), num_particles=k).to_dot() + "\n")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return {
+        "timings": timings,
+        "variance_by_horizon": by_horizon,
+        "variants": summary,
+        "optimal_return": optimum,
+        "uniform_return": uniform,
+        "target_return": target,
+        "time_credit": time_credit,
         "credited": credited,
         "paths": paths,
         "args": vars(args),

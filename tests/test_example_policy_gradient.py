@@ -317,20 +317,14 @@ def test_scan_flags(pg):
             pg.parse(argv)
 
 
-@pytest.fixture
-def fast_compile():
-    """XLA's optimisations off: a smoke run's many small programs compile about 2x faster."""
+def test_main_scan_smoke(pg, tmp_path, capsys):
+    # --quick also turns XLA's optimisations off while it runs, and restores them
     before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
-def test_main_scan_smoke(pg, tmp_path, capsys, fast_compile):
     result = pg.main(["--scan", "--quick", "--estimator", "score", "--steps", "8",
                       "--horizon", "12", "--loop-horizons", "3", "--scan-horizons", "3,30",
                       "--variance-horizons", "12", "--variance-samples", "16",
                       "--eval-every", "4", "--no-progress", "--out", str(tmp_path)])
+    assert jax.config.read("jax_disable_most_optimizations") == before
     out = capsys.readouterr().out
     assert "trace" in out and "compile" in out and "ms/step" in out
     for name in ("scan_compile.png", "scan_training.png", "scan_policy.png"):

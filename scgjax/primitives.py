@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -458,6 +459,7 @@ def sample(
     obs: Any = None,
     *,
     estimator: Any = None,
+    infer: dict | None = None,
 ) -> jax.Array:
     """A random choice: draw from ``fn`` (or score ``obs``) and return the value.
 
@@ -470,6 +472,11 @@ def sample(
             (pathwise for reparameterisable distributions, score function otherwise). It must
             be an :class:`~scgjax.Estimator` instance (the class ``sg.RLOO`` is an error); on
             an observed site, objectives ignore it and warn.
+        infer: NumPyro's per-site inference options, a dict. ``{"enumerate": "parallel"}`` on
+            a discrete latent site of a *model* that the guide does not sample sums it out
+            exactly (``log sum_z p(x, z, ...)``, per plate element); in a single program
+            (``sg.Expectation``) it enumerates the site (``sg.Enumerate()``). Other keys are
+            ignored with a warning.
 
     Example:
         >>> import jax, scgjax as sg
@@ -481,10 +488,33 @@ def sample(
     if not isinstance(fn, Distribution):
         raise _not_a_distribution(name, fn)
     check_estimator(name, estimator)
+    infer = _check_infer(name, infer)
     fn = _dist.fix_known_bugs(fn)
     msg = new_message("sample", name, fn=fn, kwargs={"rng_key": None}, value=obs,
-                      is_observed=obs is not None, estimator=estimator)
+                      is_observed=obs is not None, estimator=estimator, infer=infer)
     return apply_stack(msg)["value"]
+
+
+#: the ``infer`` keys scgjax acts on, and their allowed values
+_INFER_KEYS = {"enumerate": ("parallel", None)}
+
+
+def _check_infer(name: str, infer: Any) -> dict:
+    """``infer`` as a dict; a :class:`SiteError` naming the site for a bad value, a warning
+    for a key scgjax ignores (NumPyro's other options)."""
+    if infer is None:
+        return {}
+    if not isinstance(infer, dict):
+        raise SiteError(name, f"has infer={infer!r}; infer is a dict of inference options, "
+                        "e.g. infer={'enumerate': 'parallel'}")
+    for key, value in infer.items():
+        if key not in _INFER_KEYS:
+            warnings.warn(f"site '{name}': infer key {key!r} is ignored by scgjax (it acts "
+                          f"on {sorted(_INFER_KEYS)})", UserWarning, stacklevel=3)
+        elif value not in _INFER_KEYS[key]:
+            raise SiteError(name, f"has infer={{{key!r}: {value!r}}}; scgjax supports "
+                            f"{key!r} in {_INFER_KEYS[key]} (parallel enumeration)")
+    return dict(infer)
 
 
 def param(

@@ -27,14 +27,20 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from scgjax.dist import check_traced_values, log_prob_in_support
+from scgjax.dist import (
+    MaskedDistribution,
+    check_traced_values,
+    log_prob_in_support,
+    wrapper_chain,
+)
 from scgjax.errors import SiteError
 from scgjax.primitives import Message, Messenger
 from scgjax.provenance import source, source_lags
 from scgjax.scg import SCG, CostNode, Plate, node_from_message
 
-__all__ = ["GUIDED", "SINGLE", "Structure", "build", "cost_sites", "is_latent",
-           "mark_sources", "sampling_role", "site_cost", "site_log_prob"]
+__all__ = ["GUIDED", "SINGLE", "Marginal", "Structure", "build", "cost_sites",
+           "is_latent", "is_marginalised", "mark_sources", "sampling_role", "site_cost",
+           "site_log_prob"]
 
 GUIDED = "guided"
 SINGLE = "single"
@@ -50,6 +56,12 @@ def sampling_role(kind: str) -> str:
 def is_latent(msg: Message) -> bool:
     """A sample site that is not observed (factors are observed)."""
     return msg["type"] == "sample" and not msg["is_observed"]
+
+
+def is_marginalised(msg: Message) -> bool:
+    """A model's latent site that an objective sums out (``infer={"enumerate": "parallel"}``,
+    not sampled by the guide): it is set to each support value in turn, never sampled."""
+    return bool(msg.get("marginalised"))
 
 
 def site_log_prob(msg: Message) -> jax.Array:
@@ -116,13 +128,41 @@ class mark_sources(Messenger):
     """Mark the value of every latent sample site as the named source of its site
     (:func:`scgjax.provenance.source`). Install it *outside* the ``trace`` of the sampling
     program, so that the trace and everything downstream see the marked value. Inside an
-    ``sg.scan`` loop it marks each step's value (a per-step source)."""
+    ``sg.scan`` loop it marks each step's value (a per-step source). ``only`` restricts it to
+    the sites it accepts (the model's marginalised sites, whose values are choices too)."""
 
     scan_role = "step"
 
+    def __init__(self, fn: Callable | None = None,
+                 only: Callable[[Message], bool] = is_latent):
+        super().__init__(fn)
+        self.only = only
+
     def postprocess_message(self, msg: Message) -> None:
-        if is_latent(msg):
+        if is_latent(msg) and self.only(msg):
             msg["value"] = source(msg["value"], msg["name"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Marginal:
+    """The model's sites that are summed out, and the costs their sum replaces.
+
+    Attributes:
+        id: the id of the cost ``log sum_z prod_c exp(c)`` that replaces ``costs`` in the graph.
+        sites: the marginalised sites (enumerated jointly).
+        sizes: their support sizes.
+        costs: the ids of the costs that depend on them (their own log-density included).
+        keep: the canonical plate axes of the sites (the sum is per element of those).
+        scale: the sites' scale (sub-sampling ratio, ``sg.handlers.scale``): the log of the
+            sum is taken of the unscaled costs, then scaled.
+    """
+
+    id: str
+    sites: tuple[str, ...]
+    sizes: tuple[int, ...]
+    costs: tuple[str, ...]
+    keep: tuple[bool, ...]
+    scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +175,8 @@ class Structure:
     num_particles: int
     #: the ``sg.param``/``sg.module`` names that both the model and the guide use
     shared_params: tuple[str, ...] = ()
+    #: the model's sites that are summed out, if any
+    marginal: Marginal | None = None
 
     @property
     def plate_order(self) -> tuple[str, ...]:
@@ -156,6 +198,8 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
         sampled = {n: m for n, m in traces[role].items() if is_latent(m)}
         costs = cost_sites(kind, traces)
         found.update(
+            marginalised={n: m for r, tr in traces.items() if r != role
+                          for n, m in tr.items() if is_marginalised(m)},
             nodes={n: node_from_message(m, role) for n, m in sampled.items()},
             costs=costs,
             plates=_plates(traces),
@@ -188,10 +232,76 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
         cid: CostNode(cid, site, r, _cost_kind(cid, r, site), sign, found["cost_plates"][cid])
         for cid, r, site, sign in costs
     }
+    marginal = None
+    if found["marginalised"]:
+        marginal = _marginal(found["marginalised"], cost_nodes, cost_inputs, found["plates"])
+        merged = frozenset().union(*(cost_inputs.pop(c) for c in marginal.costs))
+        cost_inputs[marginal.id] = merged - set(marginal.sites)
+        for c in marginal.costs:
+            del cost_nodes[c]
+        plates = tuple(f.name for f in next(iter(
+            found["marginalised"].values()))["cond_indep_stack"])
+        cost_nodes[marginal.id] = CostNode(marginal.id, marginal.sites[0], "model", "marginal",
+                                           1.0, plates)
     scg = SCG(nodes=nodes, costs=cost_nodes, plates=found["plates"], parents=parents,
               cost_inputs=cost_inputs, time_lags=time_lags)
     return Structure(kind=kind, scg=scg, costs=tuple(costs), num_particles=num_particles,
-                     shared_params=found["shared_params"])
+                     shared_params=found["shared_params"], marginal=marginal)
+
+
+def _marginal(sites: dict[str, Message], cost_nodes: dict[str, CostNode],
+              cost_inputs: dict[str, frozenset[str]], plates: dict[str, Plate]) -> Marginal:
+    """The :class:`Marginal` of the model's marginalised ``sites``; a :class:`SiteError` where
+    the sum cannot be exact per plate element."""
+    names = tuple(sites)
+    site_plates = {n: {f.name for f in m["cond_indep_stack"]} for n, m in sites.items()}
+    first = names[0]
+    for n in names[1:]:
+        if site_plates[n] != site_plates[first]:
+            raise SiteError(n, f"is summed out (infer={{'enumerate': 'parallel'}}) in plates "
+                            f"{sorted(site_plates[n])}, and '{first}' in "
+                            f"{sorted(site_plates[first])}; sites summed out together must share "
+                            "their plates")
+    loops = [p for p in site_plates[first] if plates[p].time]
+    if loops:
+        raise SiteError(first, f"is summed out (infer={{'enumerate': 'parallel'}}) inside "
+                        f"sg.scan '{loops[0]}'; summing a loop's site out over its steps is not "
+                        "supported yet")
+    costs = tuple(c for c, ins in cost_inputs.items() if ins & set(names))
+    for c in costs:
+        missing = site_plates[first] - set(cost_nodes[c].plates)
+        if missing:
+            raise SiteError(first, f"is summed out per element of plate '{sorted(missing)[0]}', "
+                            f"but the cost '{c}' depends on it outside that plate (it links the "
+                            "plate's elements): the sum would not be exact")
+    scales = set()
+    for n, m in sites.items():
+        masked = m.get("mask") is not None or any(
+            isinstance(d, MaskedDistribution) for d in wrapper_chain(m["fn"]))
+        if masked:
+            raise SiteError(n, "is summed out (infer={'enumerate': 'parallel'}) but masked; "
+                            "masked sites cannot be summed out yet")
+        scale = 1.0 if m.get("scale") is None else m["scale"]
+        if not isinstance(scale, (int, float)):
+            raise SiteError(n, "is summed out (infer={'enumerate': 'parallel'}) under a scale "
+                            "that is an array; only a constant scale (a sub-sampling ratio, "
+                            "sg.handlers.scale with a number) is supported")
+        scales.add(float(scale))
+    if len(scales) > 1:
+        raise SiteError(first, f"is summed out with sites of other scales {sorted(scales)}")
+    sizes = tuple(_support_size_of(n, m) for n, m in sites.items())
+    label = ", ".join(names)
+    return Marginal(id=f"log sum_{{{label}}} p", sites=names, sizes=sizes, costs=costs,
+                    keep=tuple(p in site_plates[first] for p in plates), scale=scales.pop())
+
+
+def _support_size_of(name: str, msg: Message) -> int:
+    size = node_from_message(msg, "model").support_size
+    if size is None:
+        raise SiteError(name, f"is marked infer={{'enumerate': 'parallel'}} but its "
+                        f"{type(msg['fn']).__name__} distribution has no finite support to sum "
+                        "over (a discrete distribution with enumerate_support, event shape ())")
+    return size
 
 
 def _cost_kind(cid: str, role: str, site: str) -> str:

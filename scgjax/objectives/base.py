@@ -14,6 +14,7 @@ from scgjax.errors import SiteError
 from scgjax.estimators import default_estimator
 from scgjax.estimators.base import PARTICLE_AXIS
 from scgjax.objectives import enumeration, program
+from scgjax.objectives import marginal as marginalisation
 from scgjax.objectives.surrogate import dice_surrogate
 from scgjax.scg import SCG
 
@@ -165,17 +166,26 @@ class Objective:
         k = self.num_particles
         enumerated = enumeration.enumerated_nodes(structure)
         enumeration.check(structure, enumerated)
-        sizes = enumeration.support_sizes(structure, enumerated)
+        marginal = structure.marginal
+        if marginal is not None and enumerated:
+            raise SiteError(enumerated[0], f"uses Enumerate in the guide while the model sums "
+                            f"out {list(marginal.sites)}; combining the two is not supported "
+                            "yet: sample this site, or sum it out in the model too")
+        if marginal is not None:
+            marginalisation.check_budget(marginal)
+        summed = enumerated or (marginal.sites if marginal is not None else ())
+        sizes = (enumeration.support_sizes(structure, enumerated) if enumerated
+                 else marginal.sizes if marginal is not None else ())
 
         def one_config(particle_key, particle_probes, config):
-            index = dict(zip(enumerated, enumeration.config_indices(config, sizes), strict=True))
+            index = dict(zip(summed, enumeration.config_indices(config, sizes), strict=True))
             traces = program.run(self.kind, particle_key, params, programs, args, kwargs, k,
                                  probes=particle_probes, enum_index=index,
                                  default=self.default_estimator)
             return program.particle_arrays(structure, traces)
 
         def one_particle(particle_key, particle_probes):
-            if not enumerated:
+            if not summed:
                 return one_config(particle_key, particle_probes, None)
             configs = jnp.arange(enumeration.num_configs(sizes))
             return jax.vmap(one_config, in_axes=(None, None, 0))(particle_key, particle_probes,
@@ -195,9 +205,12 @@ class Objective:
             else:
                 keys = jax.random.split(key, k)
                 arrays = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys, probes)
-            if not enumerated:
+            if not summed:
                 return arrays
             logq, costs, extras = arrays
+            if marginal is not None:  # the nodes do not depend on the summed-out sites
+                first = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # noqa: E731
+                return first(logq), marginalisation.collapse(marginal, costs), first(extras)
             return enumeration.collapse(structure, enumerated, {e: logq[e] for e in enumerated},
                                         logq, costs, extras)
 

@@ -28,7 +28,7 @@ def is_delta(fn: Any) -> bool:
     return type(innermost(fn)).__name__ == "Delta"
 
 
-def check_enumerated_batch(msg: Message) -> None:
+def check_enumerated_batch(msg: Message, what: str = "uses Enumerate") -> None:
     """Enumeration sets every element of a site to one support value per configuration, which
     is exact only along plates (element ``n`` of a cost depends on element ``n`` alone): a batch
     dimension of size > 1 that no plate declares would be enumerated jointly as if all its
@@ -38,7 +38,7 @@ def check_enumerated_batch(msg: Message) -> None:
     free = [d for d in range(-len(batch), 0) if d not in dims and batch[d] > 1]
     if free:
         raise SiteError(
-            msg["name"], f"uses Enumerate, but its batch shape {batch} has dim {free[0]} (size "
+            msg["name"], f"{what}, but its batch shape {batch} has dim {free[0]} (size "
             f"{batch[free[0]]}) that no plate declares; enumeration is exact per plate element "
             "only: declare that dim with sg.plate",
         )
@@ -59,10 +59,11 @@ def check_guided(model_tr: dict, guide_tr: dict) -> None:
         if msg.get("in_support") and msg["fn"].support is other["fn"].support:
             other["in_support"] = True  # replayed from the same support: no check needed
     for name, msg in model_tr.items():
-        if is_latent(msg) and name not in guide_tr:
+        if is_latent(msg) and name not in guide_tr and not msg.get("marginalised"):
             raise SiteError(
                 name, "is a latent site of the model that the guide does not sample; add it "
-                "to the guide (or observe it in the model)"
+                "to the guide, observe it in the model, or (a discrete site) sum it out with "
+                "infer={'enumerate': 'parallel'}"
             )
 
 

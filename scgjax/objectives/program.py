@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from scgjax import handlers
 from scgjax.errors import SiteError
-from scgjax.estimators import default_estimator
+from scgjax.estimators import Enumerate, default_estimator
 from scgjax.estimators.base import magic_box
 from scgjax.layout import SiteLayout
 from scgjax.objectives.checks import (
@@ -29,6 +29,7 @@ from scgjax.objectives.checks import (
     check_params_used,
     is_delta,
 )
+from scgjax.objectives.marginal import marginalise, wants_enumeration
 from scgjax.params import init_params
 from scgjax.primitives import Message, Messenger, check_estimator
 from scgjax.scg import SCG
@@ -37,6 +38,7 @@ from scgjax.tracegraph import (
     SINGLE,
     Structure,
     build,
+    is_marginalised,
     mark_sources,
     sampling_role,
     site_cost,
@@ -76,6 +78,8 @@ class estimate(Messenger):
         if msg["type"] != "sample" or msg["is_observed"]:
             return
         est = msg.get("estimator")
+        if est is None and wants_enumeration(msg):
+            est = Enumerate()  # infer={"enumerate": "parallel"} on a sampled site
         if est is None:
             est = self.default(msg["fn"], self.num_particles)
             check_estimator(msg["name"], est)  # an objective's own default_estimator
@@ -161,12 +165,18 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
     # The model's key only matters for sites the guide does not replay (rare); derived
     # lazily so that XLA drops it when unused.
     key_model = jax.random.fold_in(rng_key, 1)
-    # replay inside seed: the replayed sites need no key of their own
-    model_fn = handlers.replay(transform_like(handlers.substitute_unconstrained(model, params),
-                                              guide_tr), guide_tr)
+    # replay inside seed: the replayed sites need no key of their own; the sites summed out
+    # take the configuration's value
+    model_fn = marginalise(handlers.substitute_unconstrained(model, params), guide_tr,
+                           enum_index)
+    model_fn = handlers.replay(transform_like(model_fn, guide_tr), guide_tr)
     model_fn = handlers.seed(handlers.same_plate_sizes(model_fn, plate_sizes, "model"),
                              key_model)
-    model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
+    if mark:  # the summed-out sites are choices of the model: sources of the data flow
+        with mark_sources(only=is_marginalised):
+            model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
+    else:
+        model_tr = handlers.trace(model_fn).get_trace(*args, **kwargs)
     check_guided(model_tr, guide_tr)
     return {"guide": guide_tr, "model": model_tr}
 

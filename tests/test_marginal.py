@@ -1,0 +1,198 @@
+"""Model-side enumeration: ``infer={"enumerate": "parallel"}`` sums a discrete site out exactly.
+
+Exact references are closed forms in plain JAX (a Gaussian mixture's log-likelihood) and sums
+over the guide's discrete values."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scgjax as sg
+from scgjax import dist
+from tests.stats import assert_unbiased, grad_samples, mean_and_se
+
+N = 20
+X = np.asarray(jax.random.normal(jax.random.key(1), (N,)) * 2.0, dtype=np.float32)
+ENUM = {"enumerate": "parallel"}
+
+
+def mixture(x, shift=0.0, subsample=None):
+    w = sg.param("w", jnp.array([0.2, -0.1, 0.3]))
+    mu = sg.param("mu", jnp.array([-2.0, 0.0, 2.5]))
+    with sg.plate("data", N, subsample_size=subsample) as idx:
+        z = sg.sample("z", dist.Categorical(logits=w), infer=ENUM)
+        sg.sample("x", dist.Normal(mu[z] + shift, 1.0), obs=jnp.asarray(x)[idx])
+
+
+def no_guide(x):
+    pass
+
+
+def mixture_log_lik(w, mu, x, shift=0.0):
+    """sum_n log sum_k softmax(w)_k N(x_n | mu_k + shift, 1), in closed form."""
+    lw = jax.nn.log_softmax(w)
+    return jnp.sum(jax.nn.logsumexp(lw + dist.Normal(mu + shift, 1.0).log_prob(x[:, None]),
+                                    axis=-1))
+
+
+def test_mixture_log_likelihood_and_gradient_are_exact():
+    params = sg.init_params(0, mixture, no_guide, X)
+    exact = lambda p: mixture_log_lik(p["w"], p["mu"], X)  # noqa: E731
+    for obj in (sg.ELBO(), sg.IWAE(num_particles=3), sg.RWS(num_particles=2)):
+        loss, grad = jax.value_and_grad(obj.loss, argnums=1)(jax.random.key(0), params,
+                                                             mixture, no_guide, X)
+        np.testing.assert_allclose(-loss, exact(params), rtol=1e-6)
+        if not isinstance(obj, sg.RWS):  # RWS: the wake-theta gradient, the same here
+            for k, v in jax.grad(exact)(params).items():
+                np.testing.assert_allclose(-grad[k], v, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_shows_the_marginal_cost():
+    scg = sg.graph(mixture, no_guide, X)
+    assert list(scg.costs) == ["log sum_{z} p"]
+    assert scg.costs["log sum_{z} p"].plates == ("data",)
+
+
+@pytest.mark.parametrize("estimator", [sg.ScoreFunction(), sg.RLOO()])
+def test_global_sampled_latent_with_local_sums_is_unbiased(estimator):
+    """A discrete global latent sampled by the guide (score function) is credited with the
+    marginal of the local terms: unbiased against the exact sum over its two values."""
+    def model(x):
+        g = sg.sample("g", dist.Bernoulli(probs=0.4))
+        mixture(x, shift=g)
+
+    def guide(x):
+        sg.sample("g", dist.Bernoulli(logits=sg.param("v", 0.3)), estimator=estimator)
+
+    params = sg.init_params(0, model, guide, X)
+
+    def exact(p):
+        total = 0.0
+        for g in (0.0, 1.0):
+            lq = dist.Bernoulli(logits=p["v"]).log_prob(g)
+            lp = dist.Bernoulli(probs=0.4).log_prob(g)
+            total = total + jnp.exp(lq) * (lp + mixture_log_lik(p["w"], p["mu"], X, g) - lq)
+        return total
+
+    obj = sg.ELBO(num_particles=4)
+    assert "log sum_{z} p" in sg.graph(model, guide, X, params=params,
+                                       num_particles=4).credited_costs("g")
+    g = grad_samples(lambda k, p: obj.loss(k, p, model, guide, X), params, 1000)
+    assert_unbiased(g, jax.grad(exact)(params))
+
+
+def test_global_pathwise_latent_with_local_sums_is_unbiased():
+    """A continuous global shift, pathwise: the gradient matches the exact ELBO, computed by
+    quadrature over the shift."""
+    def model(x):
+        m = sg.sample("m", dist.Normal(0.0, 1.0))
+        mixture(x, shift=m)
+
+    def guide(x):
+        sg.sample("m", dist.Normal(sg.param("loc", 0.2), 0.3))
+
+    params = sg.init_params(0, model, guide, X)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(60)
+    nodes, weights = jnp.asarray(nodes), jnp.asarray(weights / weights.sum())
+
+    def exact(p):
+        m = p["loc"] + 0.3 * nodes
+        lik = jax.vmap(lambda s: mixture_log_lik(p["w"], p["mu"], X, s))(m)
+        entropy = 0.5 * jnp.log(2 * jnp.pi * jnp.e * 0.09)
+        return jnp.sum(weights * (lik + dist.Normal(0.0, 1.0).log_prob(m))) + entropy
+
+    g = grad_samples(lambda k, p: sg.ELBO(num_particles=4).loss(k, p, model, guide, X),
+                     params, 400)
+    assert_unbiased(g, jax.grad(exact)(params))
+
+
+def test_subsampled_plate_is_unbiased_for_the_whole_data_set():
+    """Each element's marginal is scaled by N / B outside the log: the loss is unbiased for
+    the full log-likelihood."""
+    params = sg.init_params(0, mixture, no_guide, X)
+    loss = jax.jit(jax.vmap(lambda k: -sg.ELBO().loss(k, params, lambda x: mixture(
+        x, subsample=5), no_guide, X)))
+    values = loss(jax.random.split(jax.random.key(2), 4000))
+    mean, se = mean_and_se(values)
+    exact = mixture_log_lik(params["w"], params["mu"], X)
+    assert abs(mean - exact) < 5 * se
+    assert se < 0.05 * abs(exact)  # the check has power
+
+
+def test_expectation_enumerates_the_marked_site():
+    def program(estimator=None, infer=None):
+        z = sg.sample("z", dist.Categorical(logits=sg.param("w", jnp.array([0.1, 0.5, -0.2]))),
+                      estimator=estimator, infer=infer)
+        sg.factor("f", (z - 1.0) ** 2)
+
+    params = sg.init_params(0, program)
+    marked = jax.value_and_grad(sg.Expectation().loss, argnums=1)(
+        jax.random.key(0), params, lambda: program(infer=ENUM))
+    enumerated = jax.value_and_grad(sg.Expectation().loss, argnums=1)(
+        jax.random.key(0), params, lambda: program(estimator=sg.Enumerate()))
+    np.testing.assert_allclose(marked[0], enumerated[0])
+    np.testing.assert_allclose(marked[1]["w"], enumerated[1]["w"])
+
+
+def test_errors_name_the_site():
+    def continuous(x):
+        sg.sample("c", dist.Normal(0.0, 1.0), infer=ENUM)
+
+    with pytest.raises(sg.SiteError, match="'c'.*not discrete"):
+        sg.ELBO().loss(0, {}, continuous, no_guide, X)
+
+    def vector(x):
+        sg.sample("v", dist.Bernoulli(logits=jnp.zeros(3)).to_event(1), infer=ENUM)
+
+    with pytest.raises(sg.SiteError, match="'v'.*vector-valued"):
+        sg.ELBO().loss(0, {}, vector, no_guide, X)
+
+    def linked(x):
+        with sg.plate("data", N):
+            z = sg.sample("z", dist.Bernoulli(logits=0.0), infer=ENUM)
+        sg.factor("total", jnp.sum(z) * 1.0)
+
+    with pytest.raises(sg.SiteError, match="'z'.*'total'.*links the plate"):
+        sg.ELBO().loss(0, {}, linked, no_guide, X)
+
+    def two_plates(x):
+        with sg.plate("a", 2):
+            sg.sample("za", dist.Bernoulli(logits=0.0), infer=ENUM)
+        with sg.plate("b", 3):
+            sg.sample("zb", dist.Bernoulli(logits=0.0), infer=ENUM)
+
+    with pytest.raises(sg.SiteError, match="'zb'.*share their plates"):
+        sg.ELBO().loss(0, {}, two_plates, no_guide, X)
+
+    def many(x):
+        for i in range(3):
+            sg.sample(f"k{i}", dist.Categorical(logits=jnp.zeros(50)), infer=ENUM)
+
+    with pytest.raises(sg.SiteError, match="125000 joint values.*budget of 65536"):
+        sg.ELBO().loss(0, {}, many, no_guide, X)
+
+    def looped(x):
+        def step(c, _):
+            sg.sample("s", dist.Bernoulli(logits=0.0), infer=ENUM)
+            return c, None
+        sg.scan(step, 0.0, length=3)
+
+    with pytest.raises(sg.SiteError, match="'s'.*inside sg.scan"):
+        sg.ELBO().loss(0, {}, looped, no_guide, X)
+
+    with pytest.raises(sg.SiteError, match="'z'.*infer"):
+        sg.sample("z", dist.Bernoulli(logits=0.0), infer="parallel")
+    with pytest.raises(sg.SiteError, match="'z'.*'sequential'"):
+        sg.sample("z", dist.Bernoulli(logits=0.0), infer={"enumerate": "sequential"})
+    with pytest.warns(UserWarning, match="'z'.*'collapse'"):
+        sg.handlers.seed(lambda: sg.sample("z", dist.Bernoulli(logits=0.0),
+                                           infer={"collapse": True}), 0)()
+
+    def unmarked(x):
+        sg.sample("u", dist.Bernoulli(logits=0.0))
+
+    with pytest.raises(sg.SiteError, match="'u'.*infer=\\{'enumerate': 'parallel'\\}"):
+        sg.ELBO().loss(0, {}, unmarked, no_guide, X)

@@ -59,12 +59,27 @@ class ScanStep(NamedTuple):
         length: the number of steps ``T``.
         index: the step's index ``t`` (traced; ``0 .. T-1`` also when the loop runs in reverse).
         rng_key: the step's PRNG key, or ``None`` when no ``seed`` handler gave the loop one.
+        site_keys: the step's keys, one per site that asks for one, split for all steps at
+            once before the loop (so the body hashes no key), or ``None``: then split from
+            ``rng_key``.
+        requests: how many keys the step's sites have asked for (a counter shared by the
+            handlers of the step).
     """
 
     name: str
     length: int
     index: jax.Array
     rng_key: jax.Array | None
+    site_keys: jax.Array | None = None
+    requests: list | None = None
+
+    def next_key(self) -> jax.Array | None:
+        """The next of :attr:`site_keys`, or ``None`` when there is none left."""
+        self.requests.append(None)
+        i = len(self.requests) - 1
+        if self.site_keys is None or i >= self.site_keys.shape[0]:
+            return None
+        return self.site_keys[i]
 
     def slice(self, site: str, value: Any) -> Any:
         """``value[t]`` for a value given for every step of the loop (each leaf has a leading
@@ -163,13 +178,14 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
                             "scan_role ('step' or 'stacked') and, for 'step', for_step")
     loop_msg = primitives.new_message("scan", name, args=(length,), kwargs={"rng_key": None})
     key = primitives.apply_stack(loop_msg)["kwargs"]["rng_key"]
-    steps = {"index": jnp.arange(length),
-             "key": None if key is None else jax.random.split(key, length)}
     static: dict[str, Message] = {}
+    counted: list = []
 
     def body(carry, inputs):
         step_in, x = inputs
-        step = ScanStep(name, length, step_in["index"], step_in["key"])
+        step = ScanStep(name, length, step_in["index"], step_in.get("key"),
+                        step_in.get("site_keys"), counted)
+        counted.clear()
         collector = _collect_steps(name)
         saved = list(primitives._HANDLER_STACK)
         primitives._HANDLER_STACK.clear()
@@ -196,6 +212,18 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
             arrays[site] = {k: msg[k] for k in _STACKED_FIELDS if _is_array_field(msg, k)}
         return out[0], (out[1], arrays)
 
+    steps: dict[str, Any] = {"index": jnp.arange(length)}
+    if key is not None:
+        # Count the keys a step asks for (one abstract run of the body), then split them for
+        # all steps in one call: the loop's body then hashes no key (on CPU a split inside the
+        # body costs about as much as a small step).
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)),
+                           (dict(steps, key=jax.random.split(key, length)), xs))
+        jax.eval_shape(body, init, one)
+        n = len(counted)
+        steps["key"] = jax.random.split(key, length)
+        if n:
+            steps["site_keys"] = jax.random.split(jax.random.fold_in(key, 1), (length, n))
     final, (ys, arrays) = jax.lax.scan(body, init, (steps, xs), length=length, reverse=reverse)
     for site, msg in static.items():
         primitives.apply_stack_stacked(_stacked_message(name, length, msg, arrays[site]))

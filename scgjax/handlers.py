@@ -178,7 +178,11 @@ class seed(Messenger):
         return super().__enter__()
 
     def for_step(self, step: Any) -> seed | None:
-        return None if step.rng_key is None else seed(rng_seed=step.rng_key)
+        if step.rng_key is None:
+            return None
+        new = seed(rng_seed=step.rng_key)
+        new._step = step  # its sites take the keys split for them before the loop
+        return new
 
     def process_message(self, msg: Message) -> None:
         wants_key = (
@@ -198,7 +202,11 @@ class seed(Messenger):
             name_hash = zlib.crc32(msg["name"].encode()) & 0x7FFFFFFF
             msg["kwargs"]["rng_key"] = jax.random.fold_in(plates_key, name_hash)
         else:
-            self._key, msg["kwargs"]["rng_key"] = jax.random.split(self._key)
+            step = getattr(self, "_step", None)
+            key = None if step is None else step.next_key()
+            if key is None:
+                self._key, key = jax.random.split(self._key)
+            msg["kwargs"]["rng_key"] = key
 
 
 def _kind_of(msg: Message) -> str:

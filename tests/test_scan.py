@@ -129,6 +129,50 @@ def test_same_estimator_distribution_as_the_python_loop(params):
     assert np.all((ratio > 0.75) & (ratio < 1.33)), ratio
 
 
+def reinforce_reference(key, w, linked=True, whole_return=False):
+    """Plain-JAX REINFORCE for ``episodes`` (one particle, no baseline): each step's score
+    times the rewards-to-go (``linked``), its own reward (the carry ignores the choices: the
+    per-step estimator) or the whole return."""
+    keys = jax.random.split(key, T)
+
+    def surrogate(w):
+        state, logq, rewards = jnp.zeros(E), [], []
+        for t in range(T):
+            logits = w[0] + w[1] * state + XS[t]
+            a = jax.random.bernoulli(keys[t], jax.nn.sigmoid(logits), (E,)) * 1.0
+            logq.append(bern_logp(a, logits))
+            rewards.append((a - 0.5) * (state + XS[t]) + 0.1 * a)
+            state = state + (a if linked else 0.5)
+        logq, rewards = jnp.stack(logq), jnp.stack(rewards)
+        if whole_return:
+            credit = jnp.broadcast_to(rewards.sum(0), rewards.shape)
+        elif linked:
+            credit = jnp.flip(jnp.cumsum(jnp.flip(rewards, 0), 0), 0)
+        else:
+            credit = rewards
+        return jnp.sum(logq * jax.lax.stop_gradient(credit))
+    return jax.grad(surrogate)(w)
+
+
+@pytest.mark.parametrize("linked", [True, False], ids=["rewards-to-go", "per-step"])
+def test_variance_equals_the_hand_written_reference(params, linked):
+    """The loop's estimator has the variance of the hand-written REINFORCE that credits
+    each step with the rewards-to-go where the carry links the steps, and with its own reward
+    where it does not."""
+    n = 3000
+    program = lambda estimator=None: episodes(estimator, linked=linked)  # noqa: E731
+    obj = sg.Expectation(num_particles=1)
+    g_scan = np.asarray(grad_samples(lambda k, p: obj.loss(k, p, program, sg.ScoreFunction()),
+                                     params, n)["w"])
+    keys = jax.random.split(jax.random.key(9), n)
+    g_ref = np.asarray(jax.jit(jax.vmap(lambda k: reinforce_reference(
+        k, params["w"], linked)))(keys))
+    ratio = np.var(g_scan, 0) / np.var(g_ref, 0)
+    assert np.all((ratio > 0.85) & (ratio < 1.18)), ratio
+    (m1, s1), (m2, s2) = mean_and_se(g_scan), mean_and_se(g_ref)
+    assert np.all(np.abs(m1 - m2) < 5 * np.hypot(s1, s2))
+
+
 def test_per_step_credit_has_less_variance_than_the_whole_return(params):
     """Against a REINFORCE estimator crediting each step with the episode's whole return (what
     a plate would not do, what a loop without time structure would): the loop's
@@ -138,22 +182,9 @@ def test_per_step_credit_has_less_variance_than_the_whole_return(params):
                                                               sg.ScoreFunction()),
                                      params, 2000)["w"])
 
-    def whole_return(key, w):  # plain JAX: sum_t grad log q(a_t) * (sum of all rewards)
-        keys = jax.random.split(key, T)
-
-        def loss(w):
-            state, logq, ret = jnp.zeros(E), 0.0, 0.0
-            for t in range(T):
-                logits = w[0] + w[1] * state + XS[t]
-                a = jax.random.bernoulli(keys[t], jax.nn.sigmoid(logits), (E,)) * 1.0
-                logq = logq + bern_logp(a, logits)
-                ret = ret + (a - 0.5) * (state + XS[t]) + 0.1 * a
-                state = state + a
-            return jnp.sum(logq * jax.lax.stop_gradient(ret))
-        return jax.grad(loss)(w)
-
     keys = jax.random.split(jax.random.key(5), 2000)
-    g_whole = np.asarray(jax.jit(jax.vmap(lambda k: whole_return(k, params["w"])))(keys))
+    g_whole = np.asarray(jax.jit(jax.vmap(lambda k: reinforce_reference(
+        k, params["w"], whole_return=True)))(keys))
     exact = np.asarray(jax.grad(lambda p: exact_return(p["w"]))(params)["w"])
     for g in (g_scan, g_whole):
         m, se = mean_and_se(g)

@@ -205,6 +205,17 @@ def amortised_ws_table(r: dict) -> str:
     return table(["measure", "initial", "trained", "reference"], rows)
 
 
+def state_space_table(r: dict) -> str:
+    """``examples/state_space.py``: each guide's ELBO, IWAE bound and log-likelihood."""
+    rows = [[name, fmt(f["elbo"], ".1f"), fmt(f["iwae"], ".1f"), fmt(f["loglik"], ".1f"),
+             f"{np.min(f['params']['phi']):.2f}–{np.max(f['params']['phi']):.2f}",
+             fmt(f["seconds"], ".1f")] for name, f in r["fits"].items()]
+    a = r["args"]
+    return table(["guide", "ELBO", f"IWAE (K = {a['eval_particles']})",
+                  "log p(r) (particle filter)", "phi (per stock)", "s to train"], rows) + (
+        f"\n\n{a['steps']} steps, K = {a['num_particles']}; nats over all returns.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """How the report runs one script of ``examples/`` and shows its results."""
@@ -229,6 +240,7 @@ EXAMPLES: dict[str, Example] = {
                                ("returns.png", "variance.png")),
     "amortised_ws": Example(["--experiment", "ring", "--steps", "20"], amortised_ws_table,
                             ("ring_patches.png", "ring_training.png", "mnist_samples.png")),
+    "state_space": Example(["--quick"], state_space_table, ("volatility.png", "elbo.png")),
 }
 
 

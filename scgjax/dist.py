@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any
 
 import jax
@@ -367,3 +368,51 @@ class StackedSteps(_nd.Distribution):
         keys = jax.random.split(key, self.batch_shape[0])
         out = self._map(lambda step, k: step.sample(k, sample_shape), keys)
         return jnp.moveaxis(out, 0, len(sample_shape))
+
+
+#: the most joint values of one site's event that enumeration lists (``joint_support``)
+MAX_JOINT_SUPPORT = 2**16
+
+
+def joint_support_size(fn: Any) -> int | None:
+    """The number of values of one event of ``fn`` when it is finite and can be listed: the
+    support of a discrete distribution (``enumerate_support``), or the product of a
+    ``.to_event`` wrapper's element supports (``2^D`` for ``Bernoulli(logits).to_event(1)``
+    with ``D`` bits); ``None`` otherwise.
+
+    Example:
+        >>> joint_support_size(Bernoulli(logits=jnp.zeros(10)).to_event(1))
+        1024
+    """
+    if isinstance(fn, StackedSteps):
+        fn = fn.steps
+    if isinstance(fn, _nd.Independent):
+        base = fn.base_dist
+        if getattr(base, "has_enumerate_support", False) and base.event_shape == ():
+            events = int(math.prod(fn.event_shape))
+            return int(base.enumerate_support(expand=False).shape[0]) ** events
+        return None
+    if getattr(fn, "has_enumerate_support", False):
+        return int(fn.enumerate_support(expand=False).shape[0])
+    return None
+
+
+def joint_support(fn: Any, index: Any) -> jax.Array:
+    """Value number ``index`` (``0 <= index < joint_support_size(fn)``, may be traced) of one
+    event of ``fn``, shaped ``event_shape`` (with size-1 batch axes for a distribution's own
+    ``enumerate_support``). For a ``.to_event`` wrapper, the elements' values are the digits of
+    ``index`` in base ``m`` (``m`` values per element), the last element fastest.
+
+    Example:
+        >>> d = Bernoulli(logits=jnp.zeros(3)).to_event(1)
+        >>> joint_support(d, 6).tolist()   # 6 = 110 in binary
+        [1, 1, 0]
+    """
+    if not isinstance(fn, _nd.Independent):
+        return fn.enumerate_support(expand=False)[index]
+    base = fn.base_dist
+    values = base.enumerate_support(expand=False).reshape(-1)
+    m, events = values.shape[0], int(math.prod(fn.event_shape))
+    powers = m ** jnp.arange(events - 1, -1, -1)
+    digits = (index // powers) % m
+    return values[digits].reshape(fn.event_shape)

@@ -36,7 +36,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from scgjax.dist import innermost
+from scgjax.dist import innermost, joint_support_size
 from scgjax.errors import SiteError
 from scgjax.layout import SiteLayout
 from scgjax.primitives import Message
@@ -366,9 +366,7 @@ def node_from_message(msg: Message, role: str) -> StochasticNode:
 
 
 def _support_size(fn: Any) -> int | None:
-    if not getattr(fn, "has_enumerate_support", False) or fn.event_shape != ():
-        return None
-    return int(fn.enumerate_support(expand=False).shape[0])
+    return joint_support_size(fn)
 
 
 def _describe(fn: Any) -> str:

@@ -98,9 +98,9 @@ def test_enumerate_errors():
         sg.graph(normal_site)
 
     def event_site():
-        sg.sample("z", dist.Bernoulli(logits=jnp.zeros(3)).to_event(1), estimator=Enumerate())
+        sg.sample("z", dist.Bernoulli(logits=jnp.zeros(17)).to_event(1), estimator=Enumerate())
 
-    with pytest.raises(sg.SiteError, match="'z'.*scalar"):
+    with pytest.raises(sg.SiteError, match="'z'.*131072 values.*budget"):
         sg.graph(event_site)
 
     def score_below():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from scgjax.dist import MAX_JOINT_SUPPORT, joint_support_size
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator
 
@@ -21,8 +22,9 @@ class Enumerate(Estimator):
     sampled sites elsewhere keep their own estimators: the result is exact in the enumerated
     sites and unbiased overall.
 
-    Requires a distribution with a finite support and scalar events (``Bernoulli``,
-    ``Categorical``, ...: ``has_enumerate_support`` and ``event_shape == ()``); costs downstream
+    Requires a distribution with a finite support (``Bernoulli``, ``Categorical``, ...; a
+    ``.to_event`` of one is enumerated over its joint support, ``2^D`` values for ``D`` bits,
+    up to :data:`scgjax.dist.MAX_JOINT_SUPPORT` per event); costs downstream
     of the site must lie in all of its plates, and score-estimated sites must not depend on it
     (use ``Pathwise`` or ``Enumerate`` for those): each is an error naming the site.
 
@@ -42,9 +44,20 @@ class Enumerate(Estimator):
     enumerates = True
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
-        if not getattr(fn, "has_enumerate_support", False) or fn.event_shape != ():
-            raise SiteError(
-                name,
-                f"uses Enumerate, but {type(fn).__name__} has no finite support with scalar "
-                "events (e.g. Bernoulli, Categorical; write a plate instead of .to_event)",
-            )
+        check_joint_support(name, fn, "uses Enumerate")
+
+
+def check_joint_support(name: str, fn: Any, what: str) -> int:
+    """The number of values of one event of site ``name``'s ``fn``
+    (:func:`scgjax.dist.joint_support_size`); a :class:`SiteError` when it has none or more
+    than :data:`scgjax.dist.MAX_JOINT_SUPPORT`."""
+    size = joint_support_size(fn)
+    if size is None:
+        raise SiteError(name, f"{what}, but {type(fn).__name__} has no finite support to list "
+                        "(a discrete distribution such as Bernoulli or Categorical, possibly "
+                        ".to_event)")
+    if size > MAX_JOINT_SUPPORT:
+        raise SiteError(name, f"{what}, but one event of it has {size} values (event shape "
+                        f"{tuple(fn.event_shape)}), more than the budget of {MAX_JOINT_SUPPORT}: "
+                        "declare some of its dims with sg.plate (enumerated per element)")
+    return size

@@ -25,7 +25,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from scgjax.dist import joint_support
 from scgjax.errors import SiteError
+from scgjax.estimators.enumerate import check_joint_support
 from scgjax.layout import reduce_to
 from scgjax.objectives.checks import check_enumerated_batch
 from scgjax.primitives import Message, Messenger
@@ -59,17 +61,14 @@ class marginalise(Messenger):
         if not wants_enumeration(msg) or msg["name"] in self.guide_trace:
             return
         fn = msg["fn"]
-        if not getattr(fn.support, "is_discrete", False) or not fn.has_enumerate_support:
+        if not getattr(fn.support, "is_discrete", False):
             raise SiteError(msg["name"], f"is marked infer={{'enumerate': 'parallel'}}, but its "
                             f"{type(fn).__name__} distribution is not discrete with a finite "
                             "support: only discrete sites can be summed out")
-        if fn.event_shape:
-            raise SiteError(msg["name"], f"is marked infer={{'enumerate': 'parallel'}} with "
-                            f"event shape {tuple(fn.event_shape)}; summing out vector-valued "
-                            "sites is not supported yet: declare the dims with sg.plate")
+        check_joint_support(msg["name"], fn, "is summed out (infer={'enumerate': 'parallel'})")
         check_enumerated_batch(msg, "is summed out (infer={'enumerate': 'parallel'})")
-        support = fn.enumerate_support(expand=False)[self.enum_index.get(msg["name"], 0)]
-        msg["value"] = jnp.broadcast_to(support, fn.batch_shape)
+        support = joint_support(fn, self.enum_index.get(msg["name"], 0))
+        msg["value"] = jnp.broadcast_to(support, (*fn.batch_shape, *fn.event_shape))
         msg["marginalised"] = True
         msg["in_support"] = True
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from scgjax import handlers
+from scgjax.dist import joint_support
 from scgjax.errors import SiteError
 from scgjax.estimators import Enumerate, default_estimator
 from scgjax.estimators.base import magic_box
@@ -97,8 +98,8 @@ class estimate(Messenger):
         if msg["value"] is not None:
             return  # substituted, replayed or conditioned inside the program
         if msg["name"] in self.enum_index:
-            support = fn.enumerate_support(expand=False)[self.enum_index[msg["name"]]]
-            msg["value"] = jnp.broadcast_to(support, fn.batch_shape)
+            support = joint_support(fn, self.enum_index[msg["name"]])
+            msg["value"] = jnp.broadcast_to(support, (*fn.batch_shape, *fn.event_shape))
         elif msg["kwargs"].get("rng_key") is not None:  # else: the default's missing-key error
             msg["value"] = est.sample(msg["kwargs"]["rng_key"], fn)
         else:

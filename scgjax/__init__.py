@@ -26,7 +26,7 @@ from scgjax.estimators import (
     ScoreFunction,
     StraightThrough,
 )
-from scgjax.infer import SVI, SVIRunResult, SVIState
+from scgjax.infer import SVI, SVIRunResult, SVIState, infer_discrete
 from scgjax.objectives import (
     ELBO,
     IWAE,
@@ -81,6 +81,7 @@ __all__ = [
     "factor",
     "graph",
     "handlers",
+    "infer_discrete",
     "init_params",
     "module",
     "param",

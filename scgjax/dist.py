@@ -416,3 +416,23 @@ def joint_support(fn: Any, index: Any) -> jax.Array:
     powers = m ** jnp.arange(events - 1, -1, -1)
     digits = (index // powers) % m
     return values[digits].reshape(fn.event_shape)
+
+
+def joint_support_values(fn: Any, index: jax.Array) -> jax.Array:
+    """The values number ``index`` (an integer array, one per element) of one event of ``fn``
+    (see :func:`joint_support`), shaped ``(*index.shape, *event_shape)``.
+
+    Example:
+        >>> d = Bernoulli(logits=jnp.zeros(2)).to_event(1)
+        >>> joint_support_values(d, jnp.array([0, 3])).tolist()
+        [[0, 0], [1, 1]]
+    """
+    index = jnp.asarray(index)
+    if isinstance(fn, _nd.Independent):
+        values = fn.base_dist.enumerate_support(expand=False).reshape(-1)
+        m, events = values.shape[0], int(math.prod(fn.event_shape))
+        powers = m ** jnp.arange(events - 1, -1, -1)
+        digits = (index[..., None] // powers) % m
+        return values[digits].reshape((*index.shape, *fn.event_shape))
+    values = fn.enumerate_support(expand=False)
+    return values.reshape((values.shape[0], *fn.event_shape))[index]

@@ -255,3 +255,66 @@ def test_guide_enumerates_a_vector_valued_site_exactly():
     np.testing.assert_allclose(-loss, exact(params, x), rtol=1e-5)
     np.testing.assert_allclose(-grad["q"], jax.grad(exact)(params, x)["q"], rtol=1e-4,
                                atol=1e-6)
+
+
+def exact_posterior(p, x):
+    """p(z_n = k | x_n) of the mixture, (N, 3)."""
+    lw = jax.nn.log_softmax(p["w"])
+    return jax.nn.softmax(lw + dist.Normal(p["mu"], 1.0).log_prob(x[:, None]), axis=-1)
+
+
+def test_infer_discrete_draws_the_exact_posterior_and_its_mode():
+    params = sg.init_params(0, mixture, no_guide, X)
+    trained = sg.handlers.substitute_unconstrained(mixture, params)
+    post = np.asarray(exact_posterior(params, jnp.asarray(X)))
+
+    def draw(key):
+        serve = sg.infer_discrete(trained, temperature=1, rng_key=key)
+        return sg.handlers.trace(serve).get_trace(X)["z"]["value"]
+
+    n = 4000
+    draws = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(3), n))
+    freq = np.stack([np.mean(np.asarray(draws) == k, axis=0) for k in range(3)], axis=1)
+    se = np.sqrt(post * (1 - post) / n)
+    assert np.all(np.abs(freq - post) <= 5 * se + 1e-3)
+    assert np.any((post > 0.2) & (post < 0.8))  # the draws are not all certain
+    tr = sg.handlers.trace(sg.infer_discrete(trained, temperature=0)).get_trace(X)
+    assert np.array_equal(np.asarray(tr["z"]["value"]), post.argmax(1))
+    assert bool(jnp.all(tr["x"]["value"] == X))  # the rest of the model ran as it was
+
+
+def test_infer_discrete_given_a_guide_and_a_vector_site():
+    """The posterior given the guide's global latent (replayed), over the 8 joint values of
+    a 3-bit site."""
+    w = jnp.array([1.0, -2.0, 0.5])
+    bits = jnp.array(list(itertools.product([0, 1], repeat=3)), dtype=jnp.float32)
+
+    def model(x):
+        m = sg.sample("m", dist.Normal(0.0, 1.0))
+        z = sg.sample("z", dist.Bernoulli(logits=jnp.zeros(3)).to_event(1), infer=ENUM)
+        sg.sample("x", dist.Normal(jnp.dot(z, w) + m, 0.5), obs=x)
+
+    def guide(x):
+        sg.sample("m", dist.Normal(0.3, 0.1))
+
+    x = jnp.array(-1.2)
+    guide_tr = sg.handlers.trace(sg.handlers.seed(guide, 0)).get_trace(x)
+    m = guide_tr["m"]["value"]
+    serve = sg.infer_discrete(sg.handlers.replay(model, guide_tr), temperature=0)
+    tr = sg.handlers.trace(serve).get_trace(x)
+    best = bits[jnp.argmax(dist.Normal(bits @ w + m, 0.5).log_prob(x))]
+    assert tr["z"]["value"].tolist() == best.astype(int).tolist()
+    assert float(tr["m"]["value"]) == float(m)
+
+
+def test_infer_discrete_errors():
+    def looped(x):
+        def step(c, _):
+            sg.sample("s", dist.Bernoulli(logits=0.0), infer=ENUM)
+            return c, None
+        sg.scan(step, 0.0, length=3)
+
+    with pytest.raises(sg.SiteError, match="'s'.*inside sg.scan"):
+        sg.infer_discrete(looped)(X)
+    with pytest.raises(ValueError, match="temperature"):
+        sg.infer_discrete(mixture, temperature=-1)

@@ -66,7 +66,8 @@ def source_dependencies(fn: Callable, *example_args: Any) -> list[frozenset[str]
     return [frozenset(lags) for lags in source_lags(fn, *example_args)]
 
 
-def source_lags(fn: Callable, *example_args: Any) -> list[dict[str, frozenset[int]]]:
+def source_lags(fn: Callable, *example_args: Any, distance: bool = False
+                ) -> list[dict[str, frozenset[int]]]:
     """For each flattened output of ``fn``, ``{name: lags}`` for the :func:`source` values it
     depends on, with the time structure of ``lax.scan`` loops.
 
@@ -77,7 +78,9 @@ def source_lags(fn: Callable, *example_args: Any) -> list[dict[str, frozenset[in
     (``reverse=True``) through the carry, from earlier iterations. The carry is followed to a
     fixed point, so ``{0, 1}`` is the rewards-to-go structure, ``{0}`` a step that only sees its
     own choice and ``{1}`` one that sees only earlier choices. ``{-1, 0, 1}`` means no time
-    structure: a source outside any loop, a loop's final carry, a ``while`` loop.
+    structure: a source outside any loop, a loop's final carry, a ``while`` loop. With
+    ``distance``, how far: ``1`` exactly the previous step (a carry that keeps nothing older),
+    ``2`` two steps or more (signed likewise).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -89,6 +92,8 @@ def source_lags(fn: Callable, *example_args: Any) -> list[dict[str, frozenset[in
         >>> final, now, before = source_lags(episode, jnp.ones(3))
         >>> sorted(now["a"]), sorted(before["a"]), sorted(final["a"])
         ([0], [1], [-1, 0, 1])
+        >>> sorted(source_lags(episode, jnp.ones(3), distance=True)[2]["a"])  # a running total
+        [1, 2]
     """
     flat_args, in_tree = jax.tree.flatten(example_args)
 
@@ -98,7 +103,7 @@ def source_lags(fn: Callable, *example_args: Any) -> list[dict[str, frozenset[in
     closed = jax.make_jaxpr(flat_fn)(*flat_args)
     sources = _Sources(first_bit=0)
     out = _propagate(closed.jaxpr, [0] * len(flat_args), sources)
-    return [sources.lags(mask) for mask in out]
+    return [sources.lags(mask, distance) for mask in out]
 
 
 def dependencies(fn: Callable, *example_args: Any) -> list[frozenset[int]]:
@@ -117,11 +122,17 @@ def dependencies(fn: Callable, *example_args: Any) -> list[frozenset[int]]:
     return [frozenset(i for i in range(len(flat_args)) if mask >> i & 1) for mask in out]
 
 
-# Each named source owns four bits: its value with no time structure, and its value at the
-# same step, an earlier iteration or a later one of the loop being propagated.
-_ANY, _SAME, _BEFORE, _AFTER = range(4)
+# Each named source owns six bits: its value with no time structure, and its value at the
+# same step, an earlier iteration or a later one of the loop being propagated, and at exactly
+# the previous or the next iteration (a carry that forgets everything older).
+_ANY, _SAME, _BEFORE, _AFTER, _PREV, _NEXT = range(6)
+_KINDS = 6
 _LAGS = {_ANY: frozenset({-1, 0, 1}), _SAME: frozenset({0}), _BEFORE: frozenset({1}),
-         _AFTER: frozenset({-1})}
+         _AFTER: frozenset({-1}), _PREV: frozenset({1}), _NEXT: frozenset({-1})}
+#: the same with distances: 1 exactly one step, 2 two steps or more
+_DISTANCES = {_ANY: frozenset({-2, -1, 0, 1, 2}), _SAME: frozenset({0}),
+              _BEFORE: frozenset({1, 2}), _AFTER: frozenset({-1, -2}), _PREV: frozenset({1}),
+              _NEXT: frozenset({-1})}
 
 
 class _Sources:
@@ -135,31 +146,38 @@ class _Sources:
 
     def bit(self, name: str) -> int:
         """The mask of source ``name`` as marked here: per step inside a loop body."""
-        base = self.base.setdefault(name, self.first_bit + 4 * len(self.base))
+        base = self.base.setdefault(name, self.first_bit + _KINDS * len(self.base))
         return 1 << (base + (_SAME if self.loop_depth else _ANY))
 
-    def lags(self, mask: int) -> dict[str, frozenset[int]]:
+    def lags(self, mask: int, distance: bool = False) -> dict[str, frozenset[int]]:
+        table = _DISTANCES if distance else _LAGS
         out = {}
         for name, base in self.base.items():
-            kinds = [k for k in range(4) if mask >> (base + k) & 1]
+            kinds = [k for k in range(_KINDS) if mask >> (base + k) & 1]
             if kinds:
-                out[name] = frozenset().union(*(_LAGS[k] for k in kinds))
+                out[name] = frozenset().union(*(table[k] for k in kinds))
         return out
 
     def carried(self, mask: int, direction: int) -> int:
         """``mask`` seen one iteration later, through a loop's carry: the step's sources become
-        earlier (``direction=1``, a forward scan) or later (``-1``) ones; a source already on the
-        other side, or ``direction=0`` (a while loop, a final carry), loses its time structure."""
+        the previous step's (``direction=1``, a forward scan) or the next step's (``-1``), those
+        become earlier (later) ones; a source already on the other side, or ``direction=0`` (a
+        while loop, a final carry), loses its time structure."""
         for base in self.base.values():
-            same, before, after = (mask >> (base + k) & 1 for k in (_SAME, _BEFORE, _AFTER))
-            if not (same or before or after):
+            bits = {k: mask >> (base + k) & 1 for k in range(1, _KINDS)}
+            if not any(bits.values()):
                 continue
-            mask &= ~(0b1110 << base)
-            kept, lost = ((same | before, after) if direction == 1 else
-                          (same | after, before) if direction == -1 else (0, 1))
-            mask |= lost << (base + _ANY)
-            if kept:
-                mask |= 1 << (base + (_BEFORE if direction == 1 else _AFTER))
+            mask &= ~(((1 << _KINDS) - 2) << base)
+            if direction == 1:
+                moved = {_PREV: bits[_SAME], _BEFORE: bits[_BEFORE] | bits[_PREV],
+                         _ANY: bits[_AFTER] | bits[_NEXT]}
+            elif direction == -1:
+                moved = {_NEXT: bits[_SAME], _AFTER: bits[_AFTER] | bits[_NEXT],
+                         _ANY: bits[_BEFORE] | bits[_PREV]}
+            else:
+                moved = {_ANY: 1}
+            for kind, on in moved.items():
+                mask |= on << (base + kind)
         return mask
 
 

@@ -155,6 +155,8 @@ class Marginal:
         keep: the canonical plate axes of the sites (the sum is per element of those).
         scale: the sites' scale (sub-sampling ratio, ``sg.handlers.scale``): the log of the
             sum is taken of the unscaled costs, then scaled.
+        loop: the ``sg.scan`` loop the sites are in, summed over the steps by the forward
+            algorithm, or ``None``.
     """
 
     id: str
@@ -163,6 +165,8 @@ class Marginal:
     costs: tuple[str, ...]
     keep: tuple[bool, ...]
     scale: float = 1.0
+    #: the ``sg.scan`` loop the sites are in (summed by the forward algorithm), or ``None``
+    loop: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,11 +215,13 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
         sites = [(role, n) for n in sampled] + [(r, s) for _, r, s, _ in costs]
         return {site: site_log_prob(traces[site[0]][site[1]]) for site in dict.fromkeys(sites)}
 
-    deps = source_lags(analysis_pass)
+    distances = source_lags(analysis_pass, distance=True)
     nodes, costs = found["nodes"], found["costs"]
     sites = list(dict.fromkeys([(role, n) for n in nodes] + [(r, s) for _, r, s, _ in costs]))
     # outputs are flattened in the sorted order of the dict's keys (pytree order)
-    of_site = dict(zip(sorted(sites), deps, strict=True))
+    distance_of = dict(zip(sorted(sites), distances, strict=True))
+    of_site = {site: {w: frozenset((d > 0) - (d < 0) for d in ds) for w, ds in deps.items()}
+               for site, deps in distance_of.items()}
     # A node's density depends on its own value (lag 0); a step of a loop may also depend on
     # the node's earlier steps, through the carry: a self-edge with the other lags.
     looped = {n: of_site[role, n].get(n, frozenset()) - {0} if any(
@@ -234,13 +240,15 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
     }
     marginal = None
     if found["marginalised"]:
-        marginal = _marginal(found["marginalised"], cost_nodes, cost_inputs, found["plates"])
+        cost_distances = {cid: distance_of[r, s] for cid, r, s, _ in costs}
+        marginal = _marginal(found["marginalised"], cost_nodes, cost_inputs, found["plates"],
+                             cost_distances)
         merged = frozenset().union(*(cost_inputs.pop(c) for c in marginal.costs))
         cost_inputs[marginal.id] = merged - set(marginal.sites)
         for c in marginal.costs:
             del cost_nodes[c]
         plates = tuple(f.name for f in next(iter(
-            found["marginalised"].values()))["cond_indep_stack"])
+            found["marginalised"].values()))["cond_indep_stack"] if f.name != marginal.loop)
         cost_nodes[marginal.id] = CostNode(marginal.id, marginal.sites[0], "model", "marginal",
                                            1.0, plates)
     scg = SCG(nodes=nodes, costs=cost_nodes, plates=found["plates"], parents=parents,
@@ -250,7 +258,8 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
 
 
 def _marginal(sites: dict[str, Message], cost_nodes: dict[str, CostNode],
-              cost_inputs: dict[str, frozenset[str]], plates: dict[str, Plate]) -> Marginal:
+              cost_inputs: dict[str, frozenset[str]], plates: dict[str, Plate],
+              distances: dict[str, dict[str, frozenset[int]]]) -> Marginal:
     """The :class:`Marginal` of the model's marginalised ``sites``; a :class:`SiteError` where
     the sum cannot be exact per plate element."""
     names = tuple(sites)
@@ -263,11 +272,9 @@ def _marginal(sites: dict[str, Message], cost_nodes: dict[str, CostNode],
                             f"{sorted(site_plates[first])}; sites summed out together must share "
                             "their plates")
     loops = [p for p in site_plates[first] if plates[p].time]
-    if loops:
-        raise SiteError(first, f"is summed out (infer={{'enumerate': 'parallel'}}) inside "
-                        f"sg.scan '{loops[0]}'; summing a loop's site out over its steps is not "
-                        "supported yet")
     costs = tuple(c for c, ins in cost_inputs.items() if ins & set(names))
+    if loops:
+        _check_markov(first, loops[0], names, costs, cost_nodes, distances)
     for c in costs:
         missing = site_plates[first] - set(cost_nodes[c].plates)
         if missing:
@@ -292,7 +299,28 @@ def _marginal(sites: dict[str, Message], cost_nodes: dict[str, CostNode],
     sizes = tuple(_support_size_of(n, m) for n, m in sites.items())
     label = ", ".join(names)
     return Marginal(id=f"log sum_{{{label}}} p", sites=names, sizes=sizes, costs=costs,
-                    keep=tuple(p in site_plates[first] for p in plates), scale=scales.pop())
+                    keep=tuple(p in site_plates[first] for p in plates), scale=scales.pop(),
+                    loop=loops[0] if loops else None)
+
+
+def _check_markov(site: str, loop: str, names: tuple[str, ...], costs: tuple[str, ...],
+                  cost_nodes: dict[str, CostNode],
+                  distances: dict[str, dict[str, frozenset[int]]]) -> None:
+    """The forward algorithm needs a first-order Markov chain: every cost that depends on the
+    summed-out sites is a cost of the loop's steps and reaches back exactly one step (the
+    carry keeps nothing older), in a forward loop."""
+    for c in costs:
+        if loop not in cost_nodes[c].plates:
+            raise SiteError(site, f"is summed out inside sg.scan '{loop}', but the cost '{c}' "
+                            "after the loop depends on it (through the final carry or the "
+                            "stacked values): the forward algorithm cannot sum that out")
+        reach = frozenset().union(*(distances[c].get(n, frozenset()) for n in names))
+        if not reach <= {0, 1}:
+            why = ("a reverse loop" if reach & {-1, -2} else
+                   "its value reaches two steps or more later (the carry keeps it)")
+            raise SiteError(site, f"is summed out inside sg.scan '{loop}', but for the cost "
+                            f"'{c}' {why}: the forward algorithm needs a forward loop whose "
+                            "carry keeps only the last step's value (first-order Markov)")
 
 
 def _support_size_of(name: str, msg: Message) -> int:

@@ -176,15 +176,6 @@ def test_errors_name_the_site():
     with pytest.raises(sg.SiteError, match="125000 joint values.*budget of 65536"):
         sg.ELBO().loss(0, {}, many, no_guide, X)
 
-    def looped(x):
-        def step(c, _):
-            sg.sample("s", dist.Bernoulli(logits=0.0), infer=ENUM)
-            return c, None
-        sg.scan(step, 0.0, length=3)
-
-    with pytest.raises(sg.SiteError, match="'s'.*inside sg.scan"):
-        sg.ELBO().loss(0, {}, looped, no_guide, X)
-
     with pytest.raises(sg.SiteError, match="'z'.*infer"):
         sg.sample("z", dist.Bernoulli(logits=0.0), infer="parallel")
     with pytest.raises(sg.SiteError, match="'z'.*'sequential'"):
@@ -318,3 +309,88 @@ def test_infer_discrete_errors():
         sg.infer_discrete(looped)(X)
     with pytest.raises(ValueError, match="temperature"):
         sg.infer_discrete(mixture, temperature=-1)
+
+
+HMM_S = 3
+
+
+def hmm(ys, reverse=False):
+    """A hidden Markov model with Gaussian emissions, the states summed out inside sg.scan;
+    ``ys`` is ``(T,)`` or ``(T, B)`` (then a plate of ``B`` sequences)."""
+    trans = sg.param("trans", jnp.eye(HMM_S) * 2.0 + 0.1)
+    init = sg.param("init", jnp.zeros(HMM_S))
+    locs = sg.param("locs", jnp.array([-2.0, 0.0, 2.0]))
+
+    def step(prev, y):
+        logits = jnp.where((prev < 0)[..., None], init, trans[jnp.maximum(prev, 0)])
+        z = sg.sample("z", dist.Categorical(logits=logits), infer=ENUM)
+        sg.sample("y", dist.Normal(locs[z], 1.0), obs=y)
+        return z, None
+
+    start = jnp.full(jnp.shape(ys)[1:], -1)
+    if jnp.ndim(ys) == 1:
+        sg.scan(step, start, xs=ys, reverse=reverse)
+    else:
+        with sg.plate("seqs", ys.shape[1]):
+            sg.scan(step, start, xs=ys, reverse=reverse)
+
+
+def hmm_forward(p, ys):
+    """log p(y_{1:T}) by the forward algorithm in plain JAX."""
+    log_trans = jax.nn.log_softmax(p["trans"], -1)
+    emit = dist.Normal(p["locs"], 1.0).log_prob(ys[:, None])
+
+    def step(alpha, e):
+        return jax.nn.logsumexp(alpha[:, None] + log_trans, 0) + e, None
+
+    alpha, _ = jax.lax.scan(step, jax.nn.log_softmax(p["init"]) + emit[0], emit[1:])
+    return jax.nn.logsumexp(alpha)
+
+
+def test_hmm_states_are_summed_out_by_the_forward_algorithm():
+    """T = 1,000 steps, S = 3 states: the loss and its gradient equal a plain-JAX forward
+    algorithm to float precision (the joint sum would have 3^1000 terms)."""
+    ys = jax.random.normal(jax.random.key(0), (1000,)) * 2.0
+    params = sg.init_params(0, hmm, no_guide, ys)
+    loss, grad = jax.jit(jax.value_and_grad(lambda p: sg.ELBO().loss(
+        jax.random.key(0), p, hmm, no_guide, ys)))(params)
+    exact, exact_grad = jax.value_and_grad(hmm_forward)(params, ys)
+    np.testing.assert_allclose(-loss, exact, rtol=2e-5)
+    for k, v in exact_grad.items():
+        np.testing.assert_allclose(-grad[k], v, rtol=1e-3, atol=1e-3 * float(jnp.abs(v).max()))
+
+
+def test_hmm_per_sequence_in_a_plate():
+    ys = jax.random.normal(jax.random.key(1), (20, 2)) * 2.0
+    params = sg.init_params(0, hmm, no_guide, ys)
+    loss = sg.ELBO().loss(jax.random.key(0), params, hmm, no_guide, ys)
+    exact = hmm_forward(params, ys[:, 0]) + hmm_forward(params, ys[:, 1])
+    np.testing.assert_allclose(-loss, exact, rtol=1e-5)
+    assert sg.graph(hmm, no_guide, ys, params=params).costs["log sum_{z} p"].plates == ("seqs",)
+
+
+def test_loops_the_forward_algorithm_cannot_sum_are_refused():
+    ys = jnp.ones(5)
+    params = sg.init_params(0, hmm, no_guide, ys)
+    with pytest.raises(sg.SiteError, match="'z'.*reverse loop"):
+        sg.ELBO().loss(0, params, lambda ys: hmm(ys, reverse=True), no_guide, ys)
+
+    def counting(ys):
+        def step(count, y):
+            z = sg.sample("z", dist.Bernoulli(logits=0.1 * count), infer=ENUM)
+            sg.sample("y", dist.Normal(z * 1.0, 1.0), obs=y)
+            return count + z, None
+        sg.scan(step, 0, xs=ys)
+
+    with pytest.raises(sg.SiteError, match="'z'.*two steps or more.*first-order Markov"):
+        sg.ELBO().loss(0, {}, counting, no_guide, ys)
+
+    def final(ys):
+        def step(prev, y):
+            z = sg.sample("z", dist.Bernoulli(logits=0.1 * prev), infer=ENUM)
+            return z, None
+        last, _ = sg.scan(step, 0, xs=ys)
+        sg.factor("end", last * 1.0)
+
+    with pytest.raises(sg.SiteError, match="'z'.*'end' after the loop"):
+        sg.ELBO().loss(0, {}, final, no_guide, ys)

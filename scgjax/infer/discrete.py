@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from scgjax import handlers, primitives
 from scgjax.dist import joint_support_values
+from scgjax.errors import SiteError
 from scgjax.layout import SiteLayout, reduce_to
 from scgjax.objectives import enumeration
 from scgjax.objectives.marginal import check_budget, marginalise
@@ -98,6 +99,10 @@ def _posterior_values(model: Callable, key_model: jax.Array, key_draw: jax.Array
     marginal = structure.marginal
     if marginal is None:
         return {}
+    if marginal.loop is not None:
+        raise SiteError(marginal.sites[0], f"is summed out inside sg.scan '{marginal.loop}'; "
+                        "infer_discrete does not draw a loop's sites yet (forward-filter "
+                        "backward-sample)")
     check_budget(marginal)
     order = structure.plate_order
 

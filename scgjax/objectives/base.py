@@ -174,11 +174,14 @@ class Objective:
         if marginal is not None:
             marginalisation.check_budget(marginal)
         summed = enumerated or (marginal.sites if marginal is not None else ())
-        sizes = (enumeration.support_sizes(structure, enumerated) if enumerated
-                 else marginal.sizes if marginal is not None else ())
+        sizes = enumeration.support_sizes(structure, enumerated) if enumerated else ()
+        configs = (enumeration.num_configs(sizes) if enumerated else
+                   marginalisation.num_configs(marginal) if marginal is not None else 1)
 
         def one_config(particle_key, particle_probes, config):
-            index = dict(zip(summed, enumeration.config_indices(config, sizes), strict=True))
+            index = (marginalisation.config_index(marginal, config) if marginal is not None
+                     else dict(zip(summed, enumeration.config_indices(config, sizes),
+                                   strict=True)))
             traces = program.run(self.kind, particle_key, params, programs, args, kwargs, k,
                                  probes=particle_probes, enum_index=index,
                                  default=self.default_estimator)
@@ -187,9 +190,8 @@ class Objective:
         def one_particle(particle_key, particle_probes):
             if not summed:
                 return one_config(particle_key, particle_probes, None)
-            configs = jnp.arange(enumeration.num_configs(sizes))
             return jax.vmap(one_config, in_axes=(None, None, 0))(particle_key, particle_probes,
-                                                                  configs)
+                                                                  jnp.arange(configs))
 
         chunk = self.particle_chunk
         if chunk is not None and chunk < k:
@@ -210,7 +212,8 @@ class Objective:
             logq, costs, extras = arrays
             if marginal is not None:  # the nodes do not depend on the summed-out sites
                 first = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # noqa: E731
-                return first(logq), marginalisation.collapse(marginal, costs), first(extras)
+                return first(logq), marginalisation.collapse(marginal, costs,
+                                                              structure.plate_order), first(extras)
             return enumeration.collapse(structure, enumerated, {e: logq[e] for e in enumerated},
                                         logq, costs, extras)
 

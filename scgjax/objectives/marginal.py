@@ -19,8 +19,10 @@ marginal of the local terms.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,8 @@ from scgjax.objectives.checks import check_enumerated_batch
 from scgjax.primitives import Message, Messenger
 from scgjax.tracegraph import Marginal
 
-__all__ = ["MAX_CONFIGS", "collapse", "marginalise", "wants_enumeration"]
+__all__ = ["MAX_CONFIGS", "collapse", "config_index", "marginalise", "num_configs",
+           "wants_enumeration"]
 
 #: the most joint values of the marginalised sites an objective enumerates
 MAX_CONFIGS = 2**16
@@ -56,6 +59,22 @@ class marginalise(Messenger):
         super().__init__(fn)
         self.guide_trace = guide_trace or {}
         self.enum_index = enum_index or {}
+        self._step: Any = None
+
+    def for_step(self, step: Any) -> marginalise:
+        new = copy.copy(self)
+        new._step = step
+        return new
+
+    def _index(self, name: str) -> Any:
+        """The support index of site ``name`` here: a pair ``(a, b)`` (a site of a loop summed
+        by the forward algorithm) gives ``a`` at the even steps and ``b`` at the odd ones."""
+        index = self.enum_index.get(name, 0)
+        if not isinstance(index, tuple):
+            return index
+        if self._step is None:
+            return index[0]
+        return jnp.where(self._step.index % 2 == 0, index[0], index[1])
 
     def process_message(self, msg: Message) -> None:
         if not wants_enumeration(msg) or msg["name"] in self.guide_trace:
@@ -67,7 +86,7 @@ class marginalise(Messenger):
                             "support: only discrete sites can be summed out")
         check_joint_support(msg["name"], fn, "is summed out (infer={'enumerate': 'parallel'})")
         check_enumerated_batch(msg, "is summed out (infer={'enumerate': 'parallel'})")
-        support = joint_support(fn, self.enum_index.get(msg["name"], 0))
+        support = joint_support(fn, self._index(msg["name"]))
         msg["value"] = jnp.broadcast_to(support, (*fn.batch_shape, *fn.event_shape))
         msg["marginalised"] = True
         msg["in_support"] = True
@@ -75,18 +94,40 @@ class marginalise(Messenger):
 
 def check_budget(marginal: Marginal, max_configs: int = MAX_CONFIGS) -> None:
     """The joint support of the marginalised sites must fit the budget."""
-    n = math.prod(marginal.sizes)
+    n = num_configs(marginal)
     if n > max_configs:
         raise SiteError(marginal.sites[0], f"is summed out jointly with {list(marginal.sites)}: "
                         f"{n} joint values, more than the budget of {max_configs}")
 
 
-def collapse(marginal: Marginal, costs: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Replace the costs of ``marginal`` (arrays ``(K, configs, *plates)``) by their
-    per-element log-sum-exp over the configurations (``(K, *plates)``); every other cost is the
-    same in every configuration and keeps the first. With a scale ``s`` (sub-sampling), the
-    sum is ``s * logsumexp(sum_c c / s)``: each element's marginal, weighted like its costs."""
-    out = {c: v[:, 0] for c, v in costs.items() if c not in marginal.costs}
+def num_configs(marginal: Marginal) -> int:
+    """How many runs of the model the sum takes: the joint values of the sites, or their
+    pairs (every step's previous and current value) for a loop's sites."""
+    n = math.prod(marginal.sizes)
+    return n * n if marginal.loop is not None else n
+
+
+def config_index(marginal: Marginal, config: jax.Array) -> dict[str, Any]:
+    """Each site's support index in configuration ``config``; for a loop's sites a pair
+    ``(a, b)``: the value at the even steps and at the odd ones."""
+    if marginal.loop is None:
+        return dict(zip(marginal.sites, jnp.unravel_index(config, marginal.sizes), strict=True))
+    n = math.prod(marginal.sizes)
+    even = jnp.unravel_index(config // n, marginal.sizes)
+    odd = jnp.unravel_index(config % n, marginal.sizes)
+    return {s: (a, b) for s, a, b in zip(marginal.sites, even, odd, strict=True)}
+
+
+def collapse(marginal: Marginal, costs: dict[str, jax.Array],
+             plate_order: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+    if marginal.loop is not None:
+        return _collapse_loop(marginal, costs, plate_order)
+    return _collapse(marginal, costs)
+
+
+def _summed(marginal: Marginal, costs: dict[str, jax.Array]) -> jax.Array:
+    """The marginal's costs, reduced to the sites' plates and added: ``(K, configs, ...)``,
+    divided by the sites' scale."""
     total = None
     for c in marginal.costs:
         x = costs[c]
@@ -94,7 +135,46 @@ def collapse(marginal: Marginal, costs: dict[str, jax.Array]) -> dict[str, jax.A
         x = reduce_to(x.reshape((k * n, *x.shape[2:])), marginal.keep)
         x = x.reshape((k, n, *x.shape[1:]))
         total = x if total is None else total + x
+    return total / marginal.scale if marginal.scale != 1.0 else total
+
+
+def _collapse_loop(marginal: Marginal, costs: dict[str, jax.Array],
+                   plate_order: tuple[str, ...]) -> dict[str, jax.Array]:
+    """The forward algorithm over the loop's steps, from the runs at every pair of values.
+
+    In the run at pair ``(a, b)`` the sites take ``a`` at even steps and ``b`` at odd ones,
+    so step ``t``'s costs are ``c_t(prev = b, cur = a)`` at even ``t`` and ``c_t(a, b)`` at
+    odd ``t``: the ``S^2`` runs give every step's table ``C_t[prev, cur]``. Then
+    ``alpha_0 = C_0[., cur]``, ``alpha_t[cur] = logsumexp_prev(alpha_{t-1}[prev] +
+    C_t[prev, cur])``, and the marginal is ``logsumexp(alpha_{T-1})``: O(T S^2), one
+    ``lax.scan``.
+    """
+    out = {c: v[:, 0] for c, v in costs.items() if c not in marginal.costs}
+    total = _summed(marginal, costs)  # (K, S*S, *axes)
+    k, s = total.shape[0], math.prod(marginal.sizes)
+    axis = 2 + list(plate_order).index(marginal.loop)  # the time axis, after K and configs
+    x = total.reshape((k, s, s, *total.shape[2:]))
+    x = jnp.moveaxis(x, axis + 1, 0)  # (T, K, a, b, *other axes)
+    steps = x.shape[0]
+    even = (jnp.arange(steps) % 2 == 0).reshape((steps, 1, 1, 1) + (1,) * (x.ndim - 4))
+    table = jnp.where(even, jnp.swapaxes(x, 2, 3), x)  # (T, K, prev, cur, ...)
+
+    def forward(alpha, step_table):
+        alpha = jax.nn.logsumexp(alpha[:, :, None] + step_table, axis=1)
+        return alpha, None
+
+    alpha, _ = jax.lax.scan(forward, table[0, :, 0], table[1:])  # (K, cur, ...)
+    marginal_value = jax.nn.logsumexp(alpha, axis=1)  # (K, *other axes)
+    out[marginal.id] = marginal.scale * jnp.expand_dims(marginal_value, axis - 1)
+    return out
+
+
+def _collapse(marginal: Marginal, costs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Replace the costs of ``marginal`` (arrays ``(K, configs, *plates)``) by their
+    per-element log-sum-exp over the configurations (``(K, *plates)``); every other cost is the
+    same in every configuration and keeps the first. With a scale ``s`` (sub-sampling), the
+    sum is ``s * logsumexp(sum_c c / s)``: each element's marginal, weighted like its costs."""
+    out = {c: v[:, 0] for c, v in costs.items() if c not in marginal.costs}
     # the costs are scaled (a sub-sampled plate): the log of the sum is of the unscaled ones
-    s = marginal.scale
-    out[marginal.id] = s * jax.nn.logsumexp(total / s if s != 1.0 else total, axis=1)
+    out[marginal.id] = marginal.scale * jax.nn.logsumexp(_summed(marginal, costs), axis=1)
     return out

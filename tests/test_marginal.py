@@ -299,14 +299,6 @@ def test_infer_discrete_given_a_guide_and_a_vector_site():
 
 
 def test_infer_discrete_errors():
-    def looped(x):
-        def step(c, _):
-            sg.sample("s", dist.Bernoulli(logits=0.0), infer=ENUM)
-            return c, None
-        sg.scan(step, 0.0, length=3)
-
-    with pytest.raises(sg.SiteError, match="'s'.*inside sg.scan"):
-        sg.infer_discrete(looped)(X)
     with pytest.raises(ValueError, match="temperature"):
         sg.infer_discrete(mixture, temperature=-1)
 
@@ -394,3 +386,61 @@ def test_loops_the_forward_algorithm_cannot_sum_are_refused():
 
     with pytest.raises(sg.SiteError, match="'z'.*'end' after the loop"):
         sg.ELBO().loss(0, {}, final, no_guide, ys)
+
+
+def hmm_viterbi(p, ys):
+    """The most probable state path, by the Viterbi algorithm in plain JAX."""
+    log_trans = jax.nn.log_softmax(p["trans"], -1)
+    emit = dist.Normal(p["locs"], 1.0).log_prob(ys[:, None])
+
+    def step(delta, e):
+        scores = delta[:, None] + log_trans
+        return scores.max(0) + e, scores.argmax(0)
+
+    delta, pointers = jax.lax.scan(step, jax.nn.log_softmax(p["init"]) + emit[0], emit[1:])
+    path = [int(delta.argmax())]
+    for pointer in np.asarray(pointers)[::-1]:
+        path.append(int(pointer[path[-1]]))
+    return path[::-1]
+
+
+def hmm_smoothed(p, ys):
+    """p(z_t = s | y_{1:T}) by forward-backward in plain JAX, (T, S)."""
+    log_trans = jax.nn.log_softmax(p["trans"], -1)
+    emit = dist.Normal(p["locs"], 1.0).log_prob(ys[:, None])
+
+    def fwd(alpha, e):
+        new = jax.nn.logsumexp(alpha[:, None] + log_trans, 0) + e
+        return new, new
+
+    _, alphas = jax.lax.scan(fwd, jax.nn.log_softmax(p["init"]) + emit[0], emit[1:])
+    alphas = jnp.concatenate([(jax.nn.log_softmax(p["init"]) + emit[0])[None], alphas])
+
+    def bwd(beta, e):
+        new = jax.nn.logsumexp(log_trans + (e + beta)[None, :], 1)
+        return new, new
+
+    _, betas = jax.lax.scan(bwd, jnp.zeros(HMM_S), emit[1:], reverse=True)
+    betas = jnp.concatenate([betas, jnp.zeros((1, HMM_S))])
+    return jax.nn.softmax(alphas + betas, axis=1)
+
+
+def test_infer_discrete_decodes_an_hmm():
+    """Viterbi (temperature 0) equals a plain-JAX Viterbi; forward-filter backward-sample
+    draws (temperature 1) have the exact smoothed marginals within standard errors."""
+    ys = jax.random.normal(jax.random.key(2), (30,)) * 2.0
+    params = sg.init_params(0, hmm, no_guide, ys)
+    trained = sg.handlers.substitute_unconstrained(hmm, params)
+    tr = sg.handlers.trace(sg.infer_discrete(trained, temperature=0)).get_trace(ys)
+    assert tr["z"]["value"].tolist() == hmm_viterbi(params, ys)
+
+    def draw(key):
+        return sg.handlers.trace(sg.infer_discrete(trained, 1, key)).get_trace(ys)["z"]["value"]
+
+    n = 3000
+    draws = np.asarray(jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(4), n)))
+    smoothed = np.asarray(hmm_smoothed(params, ys))
+    freq = np.stack([np.mean(draws == s, axis=0) for s in range(HMM_S)], axis=1)
+    se = np.sqrt(smoothed * (1 - smoothed) / n)
+    assert np.all(np.abs(freq - smoothed) <= 5 * se + 2e-3)
+    assert np.any((smoothed > 0.2) & (smoothed < 0.8))

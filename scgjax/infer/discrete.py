@@ -7,8 +7,10 @@ objectives), :func:`infer_discrete` gives their values given everything else: fo
     p(z[n] = v | x, rest)  proportional to  exp(sum_{c depends on z} c(v)[n]),
 
 the same sums the objectives' marginal ``log sum_z p`` adds up (:mod:`scgjax.objectives.marginal`).
-``temperature=1`` samples it, ``temperature=0`` takes its mode (MAP, per element: Viterbi on a
-model without chains of discrete sites), any other temperature samples ``p^(1/T)``. NumPyro's
+``temperature=1`` samples it, ``temperature=0`` takes its mode (MAP), any other temperature
+samples ``p^(1/T)``. For a chain of such sites inside ``sg.scan`` (a hidden Markov model) the
+mode of the whole path is found by the Viterbi algorithm (max-product) and a path is drawn by
+forward-filter backward-sample, from the same step tables the forward algorithm sums. NumPyro's
 ``infer_discrete`` is the reference for the interface.
 """
 
@@ -22,10 +24,15 @@ import jax.numpy as jnp
 
 from scgjax import handlers, primitives
 from scgjax.dist import joint_support_values
-from scgjax.errors import SiteError
 from scgjax.layout import SiteLayout, reduce_to
 from scgjax.objectives import enumeration
-from scgjax.objectives.marginal import check_budget, marginalise
+from scgjax.objectives.marginal import (
+    check_budget,
+    config_index,
+    marginalise,
+    num_configs,
+    step_tables,
+)
 from scgjax.tracegraph import GUIDED, build, is_marginalised, mark_sources, site_cost
 
 __all__ = ["infer_discrete"]
@@ -42,8 +49,7 @@ def infer_discrete(model: Callable, temperature: float = 1.0, rng_key: Any = Non
     handlers *inside* ``model`` (``sg.handlers.replay(model, guide_trace)`` for a guide's
     latents, ``sg.handlers.substitute_unconstrained(model, params)`` for trained params):
     the posterior is computed from ``model`` on its own, vectorised over the joint values of
-    the sites. Sites inside an ``sg.scan`` loop are not supported yet (an error naming the
-    site).
+    the sites (for a loop's sites, over pairs of consecutive values: O(T S^2)).
 
     Example:
         >>> import jax.numpy as jnp, scgjax as sg
@@ -86,6 +92,48 @@ class _isolated:
         primitives._HANDLER_STACK[:] = self.saved
 
 
+def _decode_chain(marginal: Any, logits: jax.Array, order: tuple[str, ...], temperature: float,
+                  key: jax.Array) -> jax.Array:
+    """The joint value index of a loop's sites at every step (canonical layout, time axis
+    included): Viterbi (``temperature=0``: max-product forward pass, back-pointers) or
+    forward-filter backward-sample of ``p^(1/temperature)``."""
+    table, axis = step_tables(marginal, logits[None], order)
+    table = table[:, 0]  # (T, prev, cur, *other axes)
+    if temperature == 0:
+        def forward(delta, step_table):
+            scores = delta[:, None] + step_table
+            return jnp.max(scores, axis=0), jnp.argmax(scores, axis=0)
+
+        delta, pointers = jax.lax.scan(forward, table[0, 0], table[1:])
+        last = jnp.argmax(delta, axis=0)
+
+        def back(cur, pointer):
+            prev = jnp.take_along_axis(pointer, cur[None], axis=0)[0]
+            return prev, cur
+
+        first, path = jax.lax.scan(back, last, pointers, reverse=True)
+        states = jnp.concatenate([first[None], path], axis=0)
+    else:
+        table = table / temperature
+
+        def filter_(alpha, step_table):
+            new = jax.nn.logsumexp(alpha[:, None] + step_table, axis=0)
+            return new, alpha
+
+        last_alpha, alphas = jax.lax.scan(filter_, table[0, 0], table[1:])
+        keys = jax.random.split(key, table.shape[0])
+        last = jax.random.categorical(keys[-1], last_alpha, axis=0)
+
+        def sample(cur, inputs):
+            alpha, step_table, k = inputs  # alpha_{t-1}, C_t
+            scores = alpha + jnp.take_along_axis(step_table, cur[None, None], axis=1)[:, 0]
+            return jax.random.categorical(k, scores, axis=0), cur
+
+        first, path = jax.lax.scan(sample, last, (alphas, table[1:], keys[:-1]), reverse=True)
+        states = jnp.concatenate([first[None], path], axis=0)
+    return jnp.moveaxis(states, 0, axis - 2)  # back to the canonical axes
+
+
 def _posterior_values(model: Callable, key_model: jax.Array, key_draw: jax.Array,
                       temperature: float, args: tuple, kwargs: dict) -> dict[str, jax.Array]:
     def run(enum_index: dict | None, mark: bool) -> dict:
@@ -99,17 +147,11 @@ def _posterior_values(model: Callable, key_model: jax.Array, key_draw: jax.Array
     marginal = structure.marginal
     if marginal is None:
         return {}
-    if marginal.loop is not None:
-        raise SiteError(marginal.sites[0], f"is summed out inside sg.scan '{marginal.loop}'; "
-                        "infer_discrete does not draw a loop's sites yet (forward-filter "
-                        "backward-sample)")
     check_budget(marginal)
     order = structure.plate_order
 
     def log_joint(config: jax.Array) -> jax.Array:  # per element of the sites' plates
-        index = dict(zip(marginal.sites, enumeration.config_indices(config, marginal.sizes),
-                         strict=True))
-        tr = run(index, False)
+        tr = run(config_index(marginal, config), False)
         total = 0.0
         for cid, _, site, sign in structure.costs:
             if cid in marginal.costs:
@@ -118,8 +160,10 @@ def _posterior_values(model: Callable, key_model: jax.Array, key_draw: jax.Array
                 total = total + reduce_to(cost[None], marginal.keep)[0]
         return total / marginal.scale
 
-    logits = jax.vmap(log_joint)(jnp.arange(enumeration.num_configs(marginal.sizes)))
-    if temperature == 0:
+    logits = jax.vmap(log_joint)(jnp.arange(num_configs(marginal)))
+    if marginal.loop is not None:
+        chosen = _decode_chain(marginal, logits, order, temperature, key_draw)
+    elif temperature == 0:
         chosen = jnp.argmax(logits, axis=0)
     else:
         chosen = jax.random.categorical(key_draw, logits / temperature, axis=0)

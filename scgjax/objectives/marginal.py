@@ -150,14 +150,7 @@ def _collapse_loop(marginal: Marginal, costs: dict[str, jax.Array],
     ``lax.scan``.
     """
     out = {c: v[:, 0] for c, v in costs.items() if c not in marginal.costs}
-    total = _summed(marginal, costs)  # (K, S*S, *axes)
-    k, s = total.shape[0], math.prod(marginal.sizes)
-    axis = 2 + list(plate_order).index(marginal.loop)  # the time axis, after K and configs
-    x = total.reshape((k, s, s, *total.shape[2:]))
-    x = jnp.moveaxis(x, axis + 1, 0)  # (T, K, a, b, *other axes)
-    steps = x.shape[0]
-    even = (jnp.arange(steps) % 2 == 0).reshape((steps, 1, 1, 1) + (1,) * (x.ndim - 4))
-    table = jnp.where(even, jnp.swapaxes(x, 2, 3), x)  # (T, K, prev, cur, ...)
+    table, axis = step_tables(marginal, _summed(marginal, costs), plate_order)
 
     def forward(alpha, step_table):
         alpha = jax.nn.logsumexp(alpha[:, :, None] + step_table, axis=1)
@@ -167,6 +160,20 @@ def _collapse_loop(marginal: Marginal, costs: dict[str, jax.Array],
     marginal_value = jax.nn.logsumexp(alpha, axis=1)  # (K, *other axes)
     out[marginal.id] = marginal.scale * jnp.expand_dims(marginal_value, axis - 1)
     return out
+
+
+def step_tables(marginal: Marginal, total: jax.Array, plate_order: tuple[str, ...]
+                ) -> tuple[jax.Array, int]:
+    """``(C, axis)``: from the summed costs of the runs at every pair of values (``(K, S*S,
+    *axes)``), each step's table ``C[t, k, prev, cur, *other axes]``, and the position of the
+    time axis in ``(K, *axes)`` plus one. Step 0 does not depend on ``prev``."""
+    k, s = total.shape[0], math.prod(marginal.sizes)
+    axis = 2 + list(plate_order).index(marginal.loop)  # the time axis, after K and configs
+    x = total.reshape((k, s, s, *total.shape[2:]))
+    x = jnp.moveaxis(x, axis + 1, 0)  # (T, K, a, b, *other axes)
+    steps = x.shape[0]
+    even = (jnp.arange(steps) % 2 == 0).reshape((steps, 1, 1, 1) + (1,) * (x.ndim - 4))
+    return jnp.where(even, jnp.swapaxes(x, 2, 3), x), axis
 
 
 def _collapse(marginal: Marginal, costs: dict[str, jax.Array]) -> dict[str, jax.Array]:

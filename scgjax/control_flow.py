@@ -217,11 +217,11 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
         # Count the keys a step asks for (one abstract run of the body), then split them for
         # all steps in one call: the loop's body then hashes no key (on CPU a split inside the
         # body costs about as much as a small step).
+        steps["key"] = jax.random.split(key, length)
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)),
-                           (dict(steps, key=jax.random.split(key, length)), xs))
+                           (steps, xs))
         jax.eval_shape(body, init, one)
         n = len(counted)
-        steps["key"] = jax.random.split(key, length)
         if n:
             steps["site_keys"] = jax.random.split(jax.random.fold_in(key, 1), (length, n))
     final, (ys, arrays) = jax.lax.scan(body, init, (steps, xs), length=length, reverse=reverse)

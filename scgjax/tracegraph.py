@@ -179,8 +179,8 @@ class Structure:
     num_particles: int
     #: the ``sg.param``/``sg.module`` names that both the model and the guide use
     shared_params: tuple[str, ...] = ()
-    #: the model's sites that are summed out, if any
-    marginal: Marginal | None = None
+    #: the model's sites that are summed out, in groups that no cost ties together
+    marginals: tuple[Marginal, ...] = ()
 
     @property
     def plate_order(self) -> tuple[str, ...]:
@@ -238,23 +238,44 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
         cid: CostNode(cid, site, r, _cost_kind(cid, r, site), sign, found["cost_plates"][cid])
         for cid, r, site, sign in costs
     }
-    marginal = None
-    if found["marginalised"]:
-        cost_distances = {cid: distance_of[r, s] for cid, r, s, _ in costs}
-        marginal = _marginal(found["marginalised"], cost_nodes, cost_inputs, found["plates"],
-                             cost_distances)
+    cost_distances = {cid: distance_of[r, s] for cid, r, s, _ in costs}
+    marginals = tuple(_marginal(group, cost_nodes, cost_inputs, found["plates"], cost_distances)
+                      for group in _tied(found["marginalised"], cost_inputs))
+    for marginal in marginals:  # each group's costs become one cost: log sum_z p
         merged = frozenset().union(*(cost_inputs.pop(c) for c in marginal.costs))
         cost_inputs[marginal.id] = merged - set(marginal.sites)
         for c in marginal.costs:
             del cost_nodes[c]
-        plates = tuple(f.name for f in next(iter(
-            found["marginalised"].values()))["cond_indep_stack"] if f.name != marginal.loop)
+        plates = tuple(f.name for f in found["marginalised"][marginal.sites[0]][
+            "cond_indep_stack"] if f.name != marginal.loop)
         cost_nodes[marginal.id] = CostNode(marginal.id, marginal.sites[0], "model", "marginal",
                                            1.0, plates)
     scg = SCG(nodes=nodes, costs=cost_nodes, plates=found["plates"], parents=parents,
               cost_inputs=cost_inputs, time_lags=time_lags)
     return Structure(kind=kind, scg=scg, costs=tuple(costs), num_particles=num_particles,
-                     shared_params=found["shared_params"], marginal=marginal)
+                     shared_params=found["shared_params"], marginals=marginals)
+
+
+def _tied(sites: dict[str, Message], cost_inputs: dict[str, frozenset[str]]
+          ) -> list[dict[str, Message]]:
+    """The summed-out sites in groups that a cost ties together (a cost that depends on two
+    sites puts them in one group): each group is summed on its own, so independent sites add
+    their supports' sizes instead of multiplying them."""
+    group = {n: n for n in sites}
+
+    def root(n: str) -> str:
+        while group[n] != n:
+            n = group[n]
+        return n
+
+    for inputs in cost_inputs.values():
+        tied = [n for n in sites if n in inputs]
+        for n in tied[1:]:
+            group[root(n)] = root(tied[0])
+    out: dict[str, dict[str, Message]] = {}
+    for n, msg in sites.items():
+        out.setdefault(root(n), {})[n] = msg
+    return list(out.values())
 
 
 def _marginal(sites: dict[str, Message], cost_nodes: dict[str, CostNode],

@@ -144,36 +144,36 @@ def _posterior_values(model: Callable, key_model: jax.Array, key_draw: jax.Array
             return handlers.trace(fn).get_trace(*args, **kwargs)
 
     structure = build(GUIDED, lambda: {"guide": {}, "model": run(None, True)}, 1)
-    marginal = structure.marginal
-    if marginal is None:
-        return {}
-    check_budget(marginal)
     order = structure.plate_order
-
-    def log_joint(config: jax.Array) -> jax.Array:  # per element of the sites' plates
-        tr = run(config_index(marginal, config), False)
-        total = 0.0
-        for cid, _, site, sign in structure.costs:
-            if cid in marginal.costs:
-                msg = tr[site]
-                cost = SiteLayout.of_message(msg, order).to_canonical(site_cost(msg, sign))
-                total = total + reduce_to(cost[None], marginal.keep)[0]
-        return total / marginal.scale
-
-    logits = jax.vmap(log_joint)(jnp.arange(num_configs(marginal)))
-    if marginal.loop is not None:
-        chosen = _decode_chain(marginal, logits, order, temperature, key_draw)
-    elif temperature == 0:
-        chosen = jnp.argmax(logits, axis=0)
-    else:
-        chosen = jax.random.categorical(key_draw, logits / temperature, axis=0)
     tr = run(None, False)
     values = {}
-    for site, index in zip(marginal.sites, enumeration.config_indices(chosen, marginal.sizes),
-                           strict=True):
-        msg = tr[site]
-        layout = SiteLayout.of_message(msg, order)
-        index = layout.to_value(index[None], event=False)[0]  # the site's batch layout
-        index = jnp.broadcast_to(index, tuple(msg["fn"].batch_shape))
-        values[site] = joint_support_values(msg["fn"], index)
+    for group, marginal in enumerate(structure.marginals):  # independent: one at a time
+        check_budget(marginal)
+
+        def log_joint(config: jax.Array, marginal=marginal) -> jax.Array:
+            """Per element of the sites' plates (the other groups at their first value)."""
+            tr = run(config_index(marginal, config), False)
+            total = 0.0
+            for cid, _, site, sign in structure.costs:
+                if cid in marginal.costs:
+                    msg = tr[site]
+                    cost = SiteLayout.of_message(msg, order).to_canonical(site_cost(msg, sign))
+                    total = total + reduce_to(cost[None], marginal.keep)[0]
+            return total / marginal.scale
+
+        logits = jax.vmap(log_joint)(jnp.arange(num_configs(marginal)))
+        key = jax.random.fold_in(key_draw, group)
+        if marginal.loop is not None:
+            chosen = _decode_chain(marginal, logits, order, temperature, key)
+        elif temperature == 0:
+            chosen = jnp.argmax(logits, axis=0)
+        else:
+            chosen = jax.random.categorical(key, logits / temperature, axis=0)
+        for site, index in zip(marginal.sites,
+                               enumeration.config_indices(chosen, marginal.sizes), strict=True):
+            msg = tr[site]
+            layout = SiteLayout.of_message(msg, order)
+            index = layout.to_value(index[None], event=False)[0]  # the site's batch layout
+            index = jnp.broadcast_to(index, tuple(msg["fn"].batch_shape))
+            values[site] = joint_support_values(msg["fn"], index)
     return values

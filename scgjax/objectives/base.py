@@ -166,21 +166,21 @@ class Objective:
         k = self.num_particles
         enumerated = enumeration.enumerated_nodes(structure)
         enumeration.check(structure, enumerated)
-        marginal = structure.marginal
-        if marginal is not None and enumerated:
+        marginals = structure.marginals
+        if marginals and enumerated:
             raise SiteError(enumerated[0], f"uses Enumerate in the guide while the model sums "
-                            f"out {list(marginal.sites)}; combining the two is not supported "
+                            f"out {list(marginals[0].sites)}; combining the two is not supported "
                             "yet: sample this site, or sum it out in the model too")
-        if marginal is not None:
+        for marginal in marginals:
             marginalisation.check_budget(marginal)
-        summed = enumerated or (marginal.sites if marginal is not None else ())
+        summed = bool(enumerated or marginals)
         sizes = enumeration.support_sizes(structure, enumerated) if enumerated else ()
         configs = (enumeration.num_configs(sizes) if enumerated else
-                   marginalisation.num_configs(marginal) if marginal is not None else 1)
+                   marginalisation.runs(marginals) if marginals else 1)
 
         def one_config(particle_key, particle_probes, config):
-            index = (marginalisation.config_index(marginal, config) if marginal is not None
-                     else dict(zip(summed, enumeration.config_indices(config, sizes),
+            index = (marginalisation.run_index(marginals, config) if marginals
+                     else dict(zip(enumerated, enumeration.config_indices(config, sizes),
                                    strict=True)))
             traces = program.run(self.kind, particle_key, params, programs, args, kwargs, k,
                                  probes=particle_probes, enum_index=index,
@@ -210,9 +210,9 @@ class Objective:
             if not summed:
                 return arrays
             logq, costs, extras = arrays
-            if marginal is not None:  # the nodes do not depend on the summed-out sites
+            if marginals:  # the nodes do not depend on the summed-out sites
                 first = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # noqa: E731
-                return first(logq), marginalisation.collapse(marginal, costs,
+                return first(logq), marginalisation.collapse(marginals, costs,
                                                               structure.plate_order), first(extras)
             return enumeration.collapse(structure, enumerated, {e: logq[e] for e in enumerated},
                                         logq, costs, extras)

@@ -35,8 +35,8 @@ from scgjax.objectives.checks import check_enumerated_batch
 from scgjax.primitives import Message, Messenger
 from scgjax.tracegraph import Marginal
 
-__all__ = ["MAX_CONFIGS", "collapse", "config_index", "marginalise", "num_configs",
-           "wants_enumeration"]
+__all__ = ["MAX_CONFIGS", "collapse", "config_index", "marginalise", "num_configs", "run_index",
+           "runs", "step_tables", "wants_enumeration"]
 
 #: the most joint values of the marginalised sites an objective enumerates
 MAX_CONFIGS = 2**16
@@ -118,11 +118,39 @@ def config_index(marginal: Marginal, config: jax.Array) -> dict[str, Any]:
     return {s: (a, b) for s, a, b in zip(marginal.sites, even, odd, strict=True)}
 
 
-def collapse(marginal: Marginal, costs: dict[str, jax.Array],
+def runs(marginals: tuple[Marginal, ...]) -> int:
+    """How many runs of the model all the groups take: their counts add up (each group is
+    summed with the others at their first value)."""
+    return sum(num_configs(m) for m in marginals)
+
+
+def run_index(marginals: tuple[Marginal, ...], run: jax.Array) -> dict[str, Any]:
+    """The support index of every summed-out site in run ``run`` (traced): the runs of group
+    ``g`` go through its configurations, every other group stays at its first value."""
+    index: dict[str, Any] = {}
+    start = 0
+    for m in marginals:
+        n = num_configs(m)
+        local = jnp.where((run >= start) & (run < start + n), run - start, 0)
+        index.update(config_index(m, local))
+        start += n
+    return index
+
+
+def collapse(marginals: tuple[Marginal, ...], costs: dict[str, jax.Array],
              plate_order: tuple[str, ...] = ()) -> dict[str, jax.Array]:
-    if marginal.loop is not None:
-        return _collapse_loop(marginal, costs, plate_order)
-    return _collapse(marginal, costs)
+    """Every group's costs (``(K, runs, *plates)``, its own runs) replaced by its marginal;
+    the other costs are the same in every run and keep the first."""
+    grouped = {c for m in marginals for c in m.costs}
+    out = {c: v[:, 0] for c, v in costs.items() if c not in grouped}
+    start = 0
+    for m in marginals:
+        n = num_configs(m)
+        mine = {c: costs[c][:, start:start + n] for c in m.costs}
+        out.update(_collapse_loop(m, mine, plate_order) if m.loop is not None
+                   else _collapse(m, mine))
+        start += n
+    return out
 
 
 def _summed(marginal: Marginal, costs: dict[str, jax.Array]) -> jax.Array:
@@ -149,7 +177,7 @@ def _collapse_loop(marginal: Marginal, costs: dict[str, jax.Array],
     C_t[prev, cur])``, and the marginal is ``logsumexp(alpha_{T-1})``: O(T S^2), one
     ``lax.scan``.
     """
-    out = {c: v[:, 0] for c, v in costs.items() if c not in marginal.costs}
+    out = {}
     table, axis = step_tables(marginal, _summed(marginal, costs), plate_order)
 
     def forward(alpha, step_table):
@@ -181,7 +209,5 @@ def _collapse(marginal: Marginal, costs: dict[str, jax.Array]) -> dict[str, jax.
     per-element log-sum-exp over the configurations (``(K, *plates)``); every other cost is the
     same in every configuration and keeps the first. With a scale ``s`` (sub-sampling), the
     sum is ``s * logsumexp(sum_c c / s)``: each element's marginal, weighted like its costs."""
-    out = {c: v[:, 0] for c, v in costs.items() if c not in marginal.costs}
     # the costs are scaled (a sub-sampled plate): the log of the sum is of the unscaled ones
-    out[marginal.id] = marginal.scale * jax.nn.logsumexp(_summed(marginal, costs), axis=1)
-    return out
+    return {marginal.id: marginal.scale * jax.nn.logsumexp(_summed(marginal, costs), axis=1)}

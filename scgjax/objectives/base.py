@@ -174,14 +174,13 @@ class Objective:
         for marginal in marginals:
             marginalisation.check_budget(marginal)
         summed = bool(enumerated or marginals)
-        sizes = enumeration.support_sizes(structure, enumerated) if enumerated else ()
-        configs = (enumeration.num_configs(sizes) if enumerated else
+        grouped = enumeration.groups(structure, enumerated)
+        configs = (enumeration.runs(structure, grouped) if enumerated else
                    marginalisation.runs(marginals) if marginals else 1)
 
         def one_config(particle_key, particle_probes, config):
             index = (marginalisation.run_index(marginals, config) if marginals
-                     else dict(zip(enumerated, enumeration.config_indices(config, sizes),
-                                   strict=True)))
+                     else enumeration.run_index(structure, grouped, config))
             traces = program.run(self.kind, particle_key, params, programs, args, kwargs, k,
                                  probes=particle_probes, enum_index=index,
                                  default=self.default_estimator)
@@ -214,7 +213,7 @@ class Objective:
                 first = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # noqa: E731
                 return first(logq), marginalisation.collapse(marginals, costs,
                                                               structure.plate_order), first(extras)
-            return enumeration.collapse(structure, enumerated, {e: logq[e] for e in enumerated},
+            return enumeration.collapse(structure, grouped, {e: logq[e] for e in enumerated},
                                         logq, costs, extras)
 
         return particles

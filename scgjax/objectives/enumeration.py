@@ -2,7 +2,9 @@
 
 For enumerated sites ``e_1..e_m`` with supports of sizes ``S_1..S_m``, the program runs once
 per configuration (a flat index over the ``S_1 * ... * S_m`` joint values, vectorised with
-``vmap``), with every element of ``e_i`` set to the configuration's value. Each cost ``c`` is
+``vmap``), with every element of ``e_i`` set to the configuration's value. Sites that no cost
+ties together are enumerated in separate groups (:func:`groups`), each with the others at their
+first value, so their sizes add. Each cost ``c`` is
 then replaced by its exact expectation over the enumerated sites,
 
     c  <-  sum_config  prod_i w_i(c, config) * c(config),
@@ -71,25 +73,76 @@ def num_configs(sizes: tuple[int, ...]) -> int:
     return math.prod(sizes)
 
 
-def collapse(structure: Structure, enumerated: tuple[str, ...], enum_logq: dict,
-             logq: dict, costs: dict, extras: dict) -> tuple[dict, dict, dict]:
-    """Sum the configuration axis (axis 1) out of every array, weighting the costs.
+def groups(structure: Structure, enumerated: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """The enumerated sites in groups that a cost ties together (a cost downstream of two
+    sites puts them in one group). Each group is enumerated jointly, with the other groups at
+    their first value: independent sites add their supports' sizes instead of multiplying
+    them."""
+    scg = structure.scg
+    group = {e: e for e in enumerated}
 
-    ``enum_logq[e]`` is ``log q(e = v)`` per particle, configuration and plate element.
-    Arrays of the score nodes (not downstream of any enumerated site, so the same in every
-    configuration) keep the first configuration.
+    def root(e: str) -> str:
+        while group[e] != e:
+            e = group[e]
+        return e
+
+    credited = {e: set(scg.credited_costs(e)) for e in enumerated}
+    for i, a in enumerate(enumerated):
+        for b in enumerated[i + 1:]:
+            if credited[a] & credited[b]:
+                group[root(b)] = root(a)
+    out: dict[str, list[str]] = {}
+    for e in enumerated:
+        out.setdefault(root(e), []).append(e)
+    return tuple(tuple(g) for g in out.values())
+
+
+def runs(structure: Structure, grouped: tuple[tuple[str, ...], ...]) -> int:
+    """How many runs of the program the groups take (their joint sizes add up)."""
+    return sum(num_configs(support_sizes(structure, g)) for g in grouped)
+
+
+def run_index(structure: Structure, grouped: tuple[tuple[str, ...], ...], run: jax.Array
+              ) -> dict[str, jax.Array]:
+    """The support index of every enumerated site in run ``run`` (traced): the runs of a group
+    go through its joint values, the other groups stay at their first value."""
+    index: dict[str, jax.Array] = {}
+    start = 0
+    for g in grouped:
+        sizes = support_sizes(structure, g)
+        n = num_configs(sizes)
+        local = jnp.where((run >= start) & (run < start + n), run - start, 0)
+        index.update(zip(g, config_indices(local, sizes), strict=True))
+        start += n
+    return index
+
+
+def collapse(structure: Structure, grouped: tuple[tuple[str, ...], ...], enum_logq: dict,
+             logq: dict, costs: dict, extras: dict) -> tuple[dict, dict, dict]:
+    """Sum the runs axis (axis 1) out of every array, weighting the costs.
+
+    ``enum_logq[e]`` is ``log q(e = v)`` per particle, run and plate element. A cost downstream
+    of a group's sites is the sum over that group's runs, weighted by ``q`` of its sites; any
+    other cost, and the arrays of the score nodes (not downstream of any enumerated site), are
+    the same in every run and keep the first.
     """
     scg = structure.scg
+    enumerated = [e for g in grouped for e in g]
     logq = {n: v for n, v in logq.items() if n not in enumerated}
-    sizes = support_sizes(structure, enumerated)
-    weighted = {}
-    for cid, cost in costs.items():
-        weight = jnp.ones(())
-        for e, size in zip(enumerated, sizes, strict=True):
-            if set(scg.nodes[e].plates) <= set(scg.costs[cid].plates):
-                weight = weight * jnp.exp(enum_logq[e])
-            else:
-                weight = weight / size
-        weighted[cid] = jnp.sum(weight * cost, axis=1)
-    first = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)
+    first = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # noqa: E731
+    weighted = first(costs)
+    start = 0
+    for g in grouped:
+        sizes = support_sizes(structure, g)
+        n = num_configs(sizes)
+        downstream = set().union(*(scg.credited_costs(e) for e in g))
+        for cid in downstream:
+            weight = jnp.ones(())
+            for e, size in zip(g, sizes, strict=True):
+                if set(scg.nodes[e].plates) <= set(scg.costs[cid].plates):
+                    weight = weight * jnp.exp(enum_logq[e][:, start:start + n])
+                else:
+                    weight = weight / size
+            weighted[cid] = jnp.sum(weight * costs[cid][:, start:start + n], axis=1)
+        start += n
     return first(logq), weighted, first(extras)

@@ -47,6 +47,8 @@ __all__ = [
     "Data",
     "TrainResult",
     "check_common_args",
+    "stock_log_returns",
+    "symbols_arg",
     "evaluate_elbo",
     "generate_means",
     "image_grid",
@@ -487,3 +489,41 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     args = parser.parse_args(argv)
     check_common_args(parser, args)
     return args
+
+
+def stock_log_returns(symbols: Sequence[str], script: str
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], str]:
+    """``(returns, dates, symbols, source)``: the monthly log-returns ``log p_{t+1} - log p_t``
+    (``(T, N)`` float64) of ``symbols`` from ``vega_datasets``' local ``stocks`` file (no
+    network; 2000-2010), the month each ends in, and the file's path. A ``ValueError`` for a
+    symbol that is not there or lacks months; ``script`` names the example in the error for a
+    missing ``vega_datasets``."""
+    try:
+        from vega_datasets import local_data
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"examples/{script} needs vega_datasets (pip install vega_datasets, "
+                          "or pip install -e '.[examples]')") from e
+    frame = local_data.stocks()
+    wide = frame.pivot(index="date", columns="symbol", values="price").sort_index()
+    symbols = tuple(symbols)
+    missing = [s for s in symbols if s not in wide.columns]
+    if missing or not symbols:
+        raise ValueError(f"unknown symbols {missing or symbols}; the file has "
+                         f"{sorted(wide.columns)}")
+    prices = wide[list(symbols)]
+    incomplete = [s for s in symbols if prices[s].isna().any()]
+    if incomplete:
+        raise ValueError(f"{incomplete} lack some of the {len(prices)} months "
+                         f"({prices.index[0]:%Y-%m} to {prices.index[-1]:%Y-%m}); the complete "
+                         f"ones are {sorted(c for c in wide.columns if not wide[c].isna().any())}")
+    returns = np.diff(np.log(prices.to_numpy(dtype=np.float64)), axis=0)
+    dates = prices.index.to_numpy()[1:].astype("datetime64[D]")
+    return returns, dates, symbols, str(local_data.stocks.filepath)
+
+
+def symbols_arg(text: str) -> tuple[str, ...]:
+    """``"aapl, msft"`` -> ``("AAPL", "MSFT")``: an argparse type for ticker symbols."""
+    symbols = tuple(s.strip().upper() for s in text.split(",") if s.strip())
+    if not symbols:
+        raise argparse.ArgumentTypeError("give at least one symbol")
+    return symbols

@@ -17,7 +17,8 @@ site is in ``sg.plate("data", N)``.
 
 With ``K`` particles ``c_{n,k} ~ q_φ(c | x_n)`` per point, log-weights ``log w_{n,k} = log
 p_θ(x_n, c_{n,k}) - log q_φ(c_{n,k} | x_n)`` and self-normalised weights ``ŵ_{n,k} = w_{n,k} /
-Σ_j w_{n,j}``, three ways to learn ``θ`` and ``φ`` are compared (same seeds, data, ``K``):
+Σ_j w_{n,j}``, three ways to learn ``θ`` and ``φ`` are compared (same seeds, data, ``K``),
+and a fourth with no guide at all:
 
 - ``rws``, ``sg.RWS(num_particles=K)``: reweighted wake-sleep, no score function::
 
@@ -42,6 +43,13 @@ p_θ(x_n, c_{n,k}) - log q_φ(c_{n,k} | x_n)`` and self-normalised weights ``ŵ_
       L̂_n = log (1/K) Σ_k w_{n,k},   b_{n,k} = log (1/K) (Σ_{j≠k} w_{n,j} + w̃_{n,k}),
       log w̃_{n,k} = (1/(K-1)) Σ_{j≠k} log w_{n,j}.
 
+- ``enum``, ``sg.ELBO()`` with the assignments summed out: the model's ``c`` is marked
+  ``infer={"enumerate": "parallel"}`` and the guide is empty, so the objective is
+  ``Σ_n log Σ_c p_θ(x_n, c) = Σ_n log p_θ(x_n)`` itself (the ELBO whose guide is the exact
+  posterior ``p_θ(c | x_n)``: no gap), and its ``θ``-gradient is exact. Nothing is sampled
+  (``K`` is not used); there is no ``φ`` to learn, and the posterior, when wanted, is the
+  model's own (``sg.infer_discrete``), so its posterior KL is 0.
+
 The mixture is finite, so everything is measured exactly (by enumeration over the ``C``
 clusters, jitted, on a fixed held-out set of points drawn from the true model) every
 ``--eval-every`` steps:
@@ -54,7 +62,8 @@ clusters, jitted, on a fixed held-out set of points drawn from the true model) e
 (The exact posterior's logits ``θ_c + 0.4 c x - 2 c²`` are affine in ``x``: the guide family can
 represent it closely, so a large posterior KL is a failure to learn, not of the family.)
 
-Writes ``rws_gmm.png`` (the three measures against steps, one line per method) and
+Writes ``rws_gmm.png`` (the three measures against steps, one line per method; none for
+``enum`` in the posterior-KL panel) and
 ``weights.png`` (learned against true mixture weights) into ``--out``; prints a table with the
 final numbers and the time per step.
 
@@ -74,6 +83,13 @@ What it shows (defaults, seeds 0, 1, 2; about 1 ms per step for each method on a
   ``KL(q ‖ p_θ(c|x))`` for overlapping clusters). Training on the ELBO with exact gradients
   (``sg.Enumerate()`` on the guide site) ends the same way, so this comes from the
   objective, not from the estimator.
+- The ELBO with the assignments summed out learns the model best and fastest: model error
+  0.005, 0.006 and 0.008 (seeds 0, 1, 2), reached by step 6000 (noise of the fresh
+  mini-batches after that), and held-out ``log p(x)`` 0.0002-0.0005 nats below the true
+  model's; no cluster dies. It is the same ELBO as the ``rloo`` row with the guide replaced by
+  the exact posterior: what fails there is the guide family's ``KL(q ‖ p_θ(c|x))`` pulling the
+  model, not the ELBO. Its steps are about a third cheaper than the others' (0.25 against
+  0.33-0.37 ms in the same run, seed 0: one run of the model per cluster, no network).
 
 Run (about two minutes on a 2-core CPU with the defaults)::
 
@@ -191,8 +207,8 @@ class Encoder(nn.Module):
         return nn.Dense(self.num_clusters)(h)
 
 
-def build(num_clusters: int, estimator: sg.Estimator | None = None, init: str = "far"
-          ) -> tuple[Program, Program]:
+def build(num_clusters: int, estimator: sg.Estimator | None = None, init: str = "far",
+          summed: bool = False) -> tuple[Program, Program]:
     """The model and guide, as functions of a ``(N,)`` batch ``x``.
 
     Args:
@@ -201,16 +217,26 @@ def build(num_clusters: int, estimator: sg.Estimator | None = None, init: str = 
             default: ``Detached`` under ``sg.RWS``, ``VIMCO`` under ``sg.IWAE``, ``RLOO``
             under ``sg.ELBO`` with ``K >= 2``).
         init: the initial logits, see :func:`initial_logits`.
+        summed: the model's ``c`` marked ``infer={"enumerate": "parallel"}`` and an empty
+            guide: the objectives sum ``c`` out per point (``estimator`` is then unused).
     """
     means = cluster_means(num_clusters)
     theta0 = initial_logits(num_clusters, init)
     encoder = Encoder(num_clusters)
 
+    infer = {"enumerate": "parallel"} if summed else None
+
     def model(x: jax.Array) -> None:
         theta = sg.param("theta", theta0)
         with sg.plate("data", x.shape[0]):
-            c = sg.sample("c", dist.Categorical(logits=theta))
+            c = sg.sample("c", dist.Categorical(logits=theta), infer=infer)
             sg.sample("x", dist.Normal(means[c], SCALE), obs=x)
+
+    def empty_guide(x: jax.Array) -> None:
+        """Nothing to sample: ``c`` is summed out in the model."""
+
+    if summed:
+        return model, empty_guide
 
     def guide(x: jax.Array) -> None:
         encode = sg.module("encoder", encoder, jnp.zeros((1, 1)))
@@ -266,14 +292,20 @@ def guide_logits(params: dict, x: jax.Array, num_clusters: int) -> jax.Array:
 def evaluate(params: dict, x: jax.Array, reference_logits: jax.Array) -> dict[str, jax.Array]:
     """Exact measures at ``params`` on the points ``x``: ``model_error`` (``‖softmax(θ) -
     softmax(θ*)‖₂``), ``mixture_kl`` (``KL(softmax(θ*) ‖ softmax(θ))``), ``log_px`` (mean
-    ``log p_θ(x_n)``) and ``posterior_kl`` (mean ``KL(p_θ(c | x_n) ‖ q_φ(c | x_n))``)."""
+    ``log p_θ(x_n)``) and ``posterior_kl`` (mean ``KL(p_θ(c | x_n) ‖ q_φ(c | x_n))``; 0 without
+    a guide network, when ``c`` is summed out: its posterior is then the model's own, exact,
+    ``sg.infer_discrete``)."""
     theta = params["theta"]
     num_clusters = theta.shape[-1]
+    if "encoder" in params:
+        kl = posterior_kl(theta, guide_logits(params, x, num_clusters), x).mean()
+    else:
+        kl = jnp.zeros(())
     return {
         "model_error": jnp.linalg.norm(jax.nn.softmax(theta) - jax.nn.softmax(reference_logits)),
         "mixture_kl": mixture_kl(reference_logits, theta),
         "log_px": exact_log_evidence(theta, x).mean(),
-        "posterior_kl": posterior_kl(theta, guide_logits(params, x, num_clusters), x).mean(),
+        "posterior_kl": kl,
     }
 
 
@@ -289,12 +321,14 @@ def make_evaluator(x_test: jax.Array, reference_logits: jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One ``--methods`` entry: the objective, the guide site's estimator and a label."""
+    """One ``--methods`` entry: the objective, the guide site's estimator and a label
+    (``summed``: ``c`` summed out in the model, no guide network; see :func:`build`)."""
 
     objective: Callable[[int], sg.Objective]
     estimator: Callable[[], sg.Estimator | None]
     label: str
     min_particles: int = 1
+    summed: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -304,6 +338,8 @@ METHODS: dict[str, Method] = {
     "vimco": Method(lambda k: sg.IWAE(num_particles=k), sg.VIMCO, "IWAE, VIMCO",
                     min_particles=2),
     "ws": Method(lambda k: sg.WakeSleep(), lambda: None, "wake-sleep"),
+    # nothing is sampled, so K particles would be K copies of the same exact value
+    "enum": Method(lambda k: sg.ELBO(), lambda: None, "ELBO, c summed out", summed=True),
 }
 
 
@@ -341,7 +377,7 @@ def train_method(name: str, args: argparse.Namespace, evaluator: Callable[[dict]
     of the programs, about 20 training steps' time) to every one of them.
     """
     method = METHODS[name]
-    model, guide = build(args.clusters, method.estimator(), args.init)
+    model, guide = build(args.clusters, method.estimator(), args.init, method.summed)
     svi = sg.SVI(model, guide, optax.adam(args.lr), method.objective(args.num_particles))
     key_data, key_train = jax.random.split(jax.random.key(args.seed))
     theta_star = true_logits(args.clusters)
@@ -426,7 +462,12 @@ def plot_curves(path: Path, results: Sequence[MethodResult], true_log_px: float,
     as a dashed line) and the posterior KL; one line per method."""
     fig, axes = plt.subplots(1, 3, figsize=(14.0, 4.0))
     for ax, (key, ylabel, log_scale) in zip(axes, PANELS, strict=True):
+        zero = []
         for r in results:
+            if log_scale and not np.any(r.curves[key] > 0):  # no guide: KL 0 by construction
+                ax.plot([], [], lw=1.4)  # keeps each method's colour in every panel
+                zero.append(r.label)
+                continue
             ax.plot(r.steps, r.curves[key], lw=1.4, label=r.label)
         if key == "log_px":
             ax.axhline(true_log_px, color="k", ls="--", lw=1.0, label="true model")
@@ -437,6 +478,9 @@ def plot_curves(path: Path, results: Sequence[MethodResult], true_log_px: float,
                 hi = max(values.max(), true_log_px)
                 pad = 0.1 * (hi - lo) + 1e-3
                 ax.set_ylim(lo - pad, hi + pad)
+        if zero:
+            ax.text(0.98, 0.98, "\n".join(f"{label}: 0 (exact posterior)" for label in zero),
+                    transform=ax.transAxes, ha="right", va="top", fontsize=8)
         if log_scale:
             ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -488,7 +532,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="particles per data point, K (default: %(default)s)")
     parser.add_argument("--clusters", type=int, default=20,
                         help="mixture components, C (default: %(default)s)")
-    parser.add_argument("--methods", default="rws,rloo,vimco",
+    parser.add_argument("--methods", default="rws,rloo,vimco,enum",
                         help="comma-separated, from " + ", ".join(
                             f"{k} ({v.label})" for k, v in METHODS.items())
                         + " (default: %(default)s)")

@@ -78,6 +78,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,6 +95,12 @@ from scgjax import dist
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+
+if __package__:  # imported as examples.state_space
+    from ._common import stock_log_returns, symbols_arg
+else:  # run as a script, or loaded from its file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import stock_log_returns, symbols_arg
 
 __all__ = [
     "DEFAULT_SYMBOLS",
@@ -141,31 +148,10 @@ class Returns:
 def load_returns(symbols: Sequence[str] = DEFAULT_SYMBOLS) -> Returns:
     """The centred monthly log-returns of ``symbols`` from ``vega_datasets``' local ``stocks``
     file (no network); a ``ValueError`` for a symbol that is not there or lacks months."""
-    try:
-        from vega_datasets import local_data
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("examples/state_space.py needs vega_datasets (pip install "
-                          "vega_datasets, or pip install -e '.[examples]')") from e
-    frame = local_data.stocks()
-    wide = frame.pivot(index="date", columns="symbol", values="price").sort_index()
-    symbols = tuple(symbols)
-    missing = [s for s in symbols if s not in wide.columns]
-    if missing or not symbols:
-        raise ValueError(f"unknown symbols {missing or symbols}; the file has "
-                         f"{sorted(wide.columns)}")
-    prices = wide[list(symbols)]
-    incomplete = [s for s in symbols if prices[s].isna().any()]
-    if incomplete:
-        raise ValueError(f"{incomplete} lack some of the {len(prices)} months "
-                         f"({prices.index[0]:%Y-%m} to {prices.index[-1]:%Y-%m}); the complete "
-                         f"ones are {sorted(c for c in wide.columns if not wide[c].isna().any())}")
-    log_prices = np.log(prices.to_numpy(dtype=np.float64))
-    returns = np.diff(log_prices, axis=0)
+    returns, dates, symbols, source = stock_log_returns(symbols, "state_space.py")
     means = returns.mean(0)
-    return Returns(returns=(returns - means).astype(np.float32),
-                   dates=prices.index.to_numpy()[1:].astype("datetime64[D]"),
-                   symbols=symbols, means=means.astype(np.float32),
-                   source=str(local_data.stocks.filepath))
+    return Returns(returns=(returns - means).astype(np.float32), dates=dates, symbols=symbols,
+                   means=means.astype(np.float32), source=source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,13 +325,6 @@ FULL = {"steps": 4000, "num_particles": 8, "eval_particles": 1000, "pf_particles
 QUICK = {"steps": 300, "num_particles": 4, "eval_particles": 100, "pf_particles": 1000}
 
 
-def _symbols(text: str) -> tuple[str, ...]:
-    symbols = tuple(s.strip().upper() for s in text.split(",") if s.strip())
-    if not symbols:
-        raise argparse.ArgumentTypeError("give at least one symbol")
-    return symbols
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The flags (see ``--help``)."""
     p = argparse.ArgumentParser(prog="state_space.py", description=__doc__.split("\n", 1)[0])
@@ -361,7 +340,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
     p.add_argument("--guide", choices=("markov", "meanfield", "both"), default="both",
                    help="which guide(s) to train (default: %(default)s)")
-    p.add_argument("--symbols", type=_symbols, default=DEFAULT_SYMBOLS,
+    p.add_argument("--symbols", type=symbols_arg, default=DEFAULT_SYMBOLS,
                    help="comma-separated ticker symbols (default: AAPL,AMZN,IBM,MSFT)")
     p.add_argument("--eval-particles", type=int, default=None,
                    help="samples for the final ELBO, IWAE bound and the volatility plot "

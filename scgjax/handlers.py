@@ -274,7 +274,7 @@ class substitute(Messenger):
         self._step: Any = None
 
     def for_step(self, step: Any) -> substitute:
-        return _at_step(self, step)
+        return at_step(self, step)
 
     def __enter__(self) -> substitute:
         self._seen: dict[str, str | None] = {}
@@ -303,7 +303,7 @@ class substitute(Messenger):
                 msg["substituted"] = True  # checked against the support when concrete
 
 
-def _at_step(handler: Messenger, step: Any) -> Messenger:
+def at_step(handler: Messenger, step: Any) -> Messenger:
     """A shallow copy of ``handler`` (sharing its bookkeeping) that reads the values it holds
     for the sites of an ``sg.scan`` loop at the current step (``step.slice``)."""
     new = copy.copy(handler)
@@ -447,7 +447,7 @@ class condition(Messenger):
         self._step: Any = None
 
     def for_step(self, step: Any) -> condition:
-        return _at_step(self, step)
+        return at_step(self, step)
 
     def __enter__(self) -> condition:
         self._seen: dict[str, str | None] = {}
@@ -516,7 +516,7 @@ class replay(Messenger):
         self._matched["sites"] += 1  # shared with its copies in sg.scan bodies
 
     def for_step(self, step: Any) -> replay:
-        return _at_step(self, step)
+        return at_step(self, step)
 
     def __enter__(self) -> replay:
         self._matched = {"sites": 0}

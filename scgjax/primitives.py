@@ -120,12 +120,12 @@ def apply_stack(msg: Message) -> Message:
     from the handlers outside it (that is how :func:`scgjax.handlers.block` works).
     """
     _check_trace_level(msg)
-    visited = 0
-    for handler in reversed(_HANDLER_STACK):
-        visited += 1
-        handler.process_message(msg)
-        if msg.get("stop"):
-            break
+    _visit(_HANDLER_STACK, msg, _default_value)
+    return msg
+
+
+def _default_value(msg: Message) -> None:
+    """Fill in what no handler gave the message, and check a sample site's value."""
     if msg["value"] is None:
         msg["value"] = _DEFAULTS[msg["type"]](msg)
     if msg["type"] == "sample":
@@ -133,24 +133,29 @@ def apply_stack(msg: Message) -> Message:
         if (msg["is_observed"] or msg.get("substituted")) and not msg.get("is_factor"):
             _check_observed_value(msg)
         _check_sample_value(msg)
-    for handler in _HANDLER_STACK[len(_HANDLER_STACK) - visited :]:
-        handler.postprocess_message(msg)
-    return msg
 
 
-def apply_stack_stacked(msg: Message) -> Message:
-    """Send a site that ``sg.scan`` has stacked over its steps (its value already set) through
-    the active handlers that see stacked sites (``scan_role == "stacked"``), as
-    :func:`apply_stack` would."""
-    stack = [h for h in _HANDLER_STACK if h.scan_role == "stacked"]
+def _visit(stack: list[Messenger], msg: Message,
+           between: Callable[[Message], None] | None = None) -> None:
+    """``process_message`` innermost first (up to a handler that sets ``stop``), then
+    ``between(msg)``, then ``postprocess_message`` of the handlers visited."""
     visited = 0
     for handler in reversed(stack):
         visited += 1
         handler.process_message(msg)
         if msg.get("stop"):
             break
+    if between is not None:
+        between(msg)
     for handler in stack[len(stack) - visited:]:
         handler.postprocess_message(msg)
+
+
+def apply_stack_stacked(msg: Message) -> Message:
+    """Send a site that ``sg.scan`` has stacked over its steps (its value already set) through
+    the active handlers that see stacked sites (``scan_role == "stacked"``), as
+    :func:`apply_stack` would."""
+    _visit([h for h in _HANDLER_STACK if h.scan_role == "stacked"], msg)
     return msg
 
 

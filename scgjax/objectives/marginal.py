@@ -19,7 +19,6 @@ marginal of the local terms.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 from scgjax.dist import joint_support
 from scgjax.errors import SiteError
 from scgjax.estimators.enumerate import check_joint_support
+from scgjax.handlers import at_step
 from scgjax.layout import reduce_to
 from scgjax.objectives.checks import check_enumerated_batch
 from scgjax.primitives import Message, Messenger
@@ -62,9 +62,7 @@ class marginalise(Messenger):
         self._step: Any = None
 
     def for_step(self, step: Any) -> marginalise:
-        new = copy.copy(self)
-        new._step = step
-        return new
+        return at_step(self, step)
 
     def _index(self, name: str) -> Any:
         """The support index of site ``name`` here: a pair ``(a, b)`` (a site of a loop summed

@@ -9,7 +9,6 @@ per-element arrays in the canonical plate layout (:mod:`scgjax.layout`).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -71,9 +70,7 @@ class estimate(Messenger):
         self._step: Any = None
 
     def for_step(self, step: Any) -> estimate:
-        new = copy.copy(self)
-        new._step = step
-        return new
+        return handlers.at_step(self, step)
 
     def process_message(self, msg: Message) -> None:
         if msg["type"] != "sample" or msg["is_observed"]:

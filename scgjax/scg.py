@@ -361,12 +361,8 @@ def node_from_message(msg: Message, role: str) -> StochasticNode:
         unplated_dims=tuple(d - len(batch) for d in range(len(batch)) if d not in plated),
         plate_dims=tuple(f.dim for f in frames),
         value_dtype=jnp.result_type(msg["value"]),
-        support_size=_support_size(fn),
+        support_size=joint_support_size(fn),
     )
-
-
-def _support_size(fn: Any) -> int | None:
-    return joint_support_size(fn)
 
 
 def _describe(fn: Any) -> str:

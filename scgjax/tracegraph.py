@@ -22,7 +22,7 @@ Each cost is ``sign * scale * mask * log_prob`` of a site (:func:`site_cost`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from scgjax.scg import SCG, CostNode, Plate, node_from_message
 
 __all__ = ["GUIDED", "SINGLE", "Marginal", "Structure", "build", "cost_sites",
            "is_latent", "is_marginalised", "mark_sources", "sampling_role", "site_cost",
-           "site_log_prob"]
+           "site_log_prob", "tied_groups"]
 
 GUIDED = "guided"
 SINGLE = "single"
@@ -256,26 +256,38 @@ def build(kind: str, run_marked: Callable[[], Traces], num_particles: int) -> St
                      shared_params=found["shared_params"], marginals=marginals)
 
 
-def _tied(sites: dict[str, Message], cost_inputs: dict[str, frozenset[str]]
-          ) -> list[dict[str, Message]]:
-    """The summed-out sites in groups that a cost ties together (a cost that depends on two
-    sites puts them in one group): each group is summed on its own, so independent sites add
-    their supports' sizes instead of multiplying them."""
-    group = {n: n for n in sites}
+def tied_groups(names: list[str] | tuple[str, ...], links: Iterable[Iterable[str]]
+                ) -> list[list[str]]:
+    """``names`` split into the groups that ``links`` tie together (each link, a set of names,
+    puts the ones it holds in one group), each group in the order of ``names``.
+
+    Example:
+        >>> tied_groups(["a", "b", "c", "d"], [{"a", "c"}, {"c", "x"}])
+        [['a', 'c'], ['b'], ['d']]
+    """
+    group = {n: n for n in names}
 
     def root(n: str) -> str:
         while group[n] != n:
             n = group[n]
         return n
 
-    for inputs in cost_inputs.values():
-        tied = [n for n in sites if n in inputs]
+    for link in links:
+        tied = [n for n in names if n in link]
         for n in tied[1:]:
             group[root(n)] = root(tied[0])
-    out: dict[str, dict[str, Message]] = {}
-    for n, msg in sites.items():
-        out.setdefault(root(n), {})[n] = msg
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(root(n), []).append(n)
     return list(out.values())
+
+
+def _tied(sites: dict[str, Message], cost_inputs: dict[str, frozenset[str]]
+          ) -> list[dict[str, Message]]:
+    """The summed-out sites in groups that a cost ties together (a cost that depends on two
+    sites puts them in one group): each group is summed on its own, so independent sites add
+    their supports' sizes instead of multiplying them."""
+    return [{n: sites[n] for n in g} for g in tied_groups(list(sites), cost_inputs.values())]
 
 
 def _marginal(sites: dict[str, Message], cost_nodes: dict[str, CostNode],

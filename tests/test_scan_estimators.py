@@ -90,12 +90,13 @@ def test_vimco_under_iwae_is_exact_on_average():
     assert_unbiased(g, {"v": jax.grad(exact_bound)(params["v"])})
 
 
-def python_loop_chain(estimator=None):
-    """The chain of tests.models written as a Python loop (sites z0, z1, ...)."""
+def python_loop_chain(estimator=None, prior_logits=lambda prev: jnp.where(prev > 0, 1.0, -1.0)):
+    """The chain of tests.models written as a Python loop (sites z0, z1, ...), with the
+    model's ``z_t`` logits ``prior_logits(z_{t-1})``."""
     def model(ys):
         prev = 0.0
         for t in range(ys.shape[0]):
-            z = sg.sample(f"z{t}", dist.Bernoulli(logits=jnp.where(prev > 0, 1.0, -1.0)))
+            z = sg.sample(f"z{t}", dist.Bernoulli(logits=prior_logits(prev)))
             sg.sample(f"y{t}", dist.Normal(2.0 * z - 1.0, 1.0), obs=ys[t])
             prev = z * 1.0
 
@@ -127,21 +128,7 @@ def relaxed_chain(estimator):
             return z * 1.0, None
         sg.scan(step, 0.0, xs=ys)
 
-    def model_loop(ys):
-        prev = 0.0
-        for t in range(ys.shape[0]):
-            z = sg.sample(f"z{t}", dist.Bernoulli(logits=2.0 * prev - 1.0))
-            sg.sample(f"y{t}", dist.Normal(2.0 * z - 1.0, 1.0), obs=ys[t])
-            prev = z * 1.0
-
-    def guide_loop(ys):
-        v = sg.param("v", jnp.array([0.2, 0.5, -0.3]))
-        prev = 0.0
-        for t in range(ys.shape[0]):
-            z = sg.sample(f"z{t}", dist.Bernoulli(logits=v[0] + v[1] * ys[t] + v[2] * prev),
-                          estimator=estimator)
-            prev = z * 1.0
-    return (model, guide), (model_loop, guide_loop)
+    return (model, guide), python_loop_chain(estimator, lambda prev: 2.0 * prev - 1.0)
 
 
 def assert_same_mean(a, b):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from scgjax.errors import SiteError
-from scgjax.tracegraph import Structure
+from scgjax.tracegraph import Structure, tied_groups
 
 
 def enumerated_nodes(structure: Structure) -> tuple[str, ...]:
@@ -78,23 +78,11 @@ def groups(structure: Structure, enumerated: tuple[str, ...]) -> tuple[tuple[str
     sites puts them in one group). Each group is enumerated jointly, with the other groups at
     their first value: independent sites add their supports' sizes instead of multiplying
     them."""
-    scg = structure.scg
-    group = {e: e for e in enumerated}
-
-    def root(e: str) -> str:
-        while group[e] != e:
-            e = group[e]
-        return e
-
-    credited = {e: set(scg.credited_costs(e)) for e in enumerated}
-    for i, a in enumerate(enumerated):
-        for b in enumerated[i + 1:]:
-            if credited[a] & credited[b]:
-                group[root(b)] = root(a)
-    out: dict[str, list[str]] = {}
-    for e in enumerated:
-        out.setdefault(root(e), []).append(e)
-    return tuple(tuple(g) for g in out.values())
+    credited = [set(structure.scg.credited_costs(e)) for e in enumerated]
+    costs = set().union(*credited)
+    links = [{e for e, c in zip(enumerated, credited, strict=True) if cost in c}
+             for cost in costs]
+    return tuple(tuple(g) for g in tied_groups(enumerated, links))
 
 
 def runs(structure: Structure, grouped: tuple[tuple[str, ...], ...]) -> int:
@@ -106,15 +94,26 @@ def run_index(structure: Structure, grouped: tuple[tuple[str, ...], ...], run: j
               ) -> dict[str, jax.Array]:
     """The support index of every enumerated site in run ``run`` (traced): the runs of a group
     go through its joint values, the other groups stay at their first value."""
+    sizes = [support_sizes(structure, g) for g in grouped]
     index: dict[str, jax.Array] = {}
-    start = 0
-    for g in grouped:
-        sizes = support_sizes(structure, g)
-        n = num_configs(sizes)
-        local = jnp.where((run >= start) & (run < start + n), run - start, 0)
-        index.update(zip(g, config_indices(local, sizes), strict=True))
-        start += n
+    for g, s, local in zip(grouped, sizes, local_runs(run, [num_configs(x) for x in sizes]),
+                           strict=True):
+        index.update(zip(g, config_indices(local, s), strict=True))
     return index
+
+
+def group_runs(counts: list[int]) -> list[slice]:
+    """The runs of each group along the runs axis: groups of ``counts`` runs, one after the
+    other (each group's runs with the other groups at their first value)."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [slice(a, a + n) for a, n in zip(starts, counts, strict=True)]
+
+
+def local_runs(run: jax.Array, counts: list[int]) -> list[jax.Array]:
+    """For each group, the index of run ``run`` (traced) among the group's runs
+    (:func:`group_runs`), or 0 when the run is another group's."""
+    return [jnp.where((run >= r.start) & (run < r.stop), run - r.start, 0)
+            for r in group_runs(counts)]
 
 
 def collapse(structure: Structure, grouped: tuple[tuple[str, ...], ...], enum_logq: dict,
@@ -131,18 +130,16 @@ def collapse(structure: Structure, grouped: tuple[tuple[str, ...], ...], enum_lo
     logq = {n: v for n, v in logq.items() if n not in enumerated}
     first = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # noqa: E731
     weighted = first(costs)
-    start = 0
-    for g in grouped:
-        sizes = support_sizes(structure, g)
-        n = num_configs(sizes)
+    sizes = [support_sizes(structure, g) for g in grouped]
+    for g, group_sizes, mine in zip(grouped, sizes, group_runs([num_configs(x) for x in sizes]),
+                                    strict=True):
         downstream = set().union(*(scg.credited_costs(e) for e in g))
         for cid in downstream:
             weight = jnp.ones(())
-            for e, size in zip(g, sizes, strict=True):
+            for e, size in zip(g, group_sizes, strict=True):
                 if set(scg.nodes[e].plates) <= set(scg.costs[cid].plates):
-                    weight = weight * jnp.exp(enum_logq[e][:, start:start + n])
+                    weight = weight * jnp.exp(enum_logq[e][:, mine])
                 else:
                     weight = weight / size
-            weighted[cid] = jnp.sum(weight * costs[cid][:, start:start + n], axis=1)
-        start += n
+            weighted[cid] = jnp.sum(weight * costs[cid][:, mine], axis=1)
     return first(logq), weighted, first(extras)

@@ -32,6 +32,7 @@ from scgjax.estimators.enumerate import check_joint_support
 from scgjax.handlers import at_step
 from scgjax.layout import reduce_to
 from scgjax.objectives.checks import check_enumerated_batch
+from scgjax.objectives.enumeration import group_runs, local_runs
 from scgjax.primitives import Message, Messenger
 from scgjax.tracegraph import Marginal
 
@@ -126,12 +127,9 @@ def run_index(marginals: tuple[Marginal, ...], run: jax.Array) -> dict[str, Any]
     """The support index of every summed-out site in run ``run`` (traced): the runs of group
     ``g`` go through its configurations, every other group stays at its first value."""
     index: dict[str, Any] = {}
-    start = 0
-    for m in marginals:
-        n = num_configs(m)
-        local = jnp.where((run >= start) & (run < start + n), run - start, 0)
+    for m, local in zip(marginals, local_runs(run, [num_configs(m) for m in marginals]),
+                        strict=True):
         index.update(config_index(m, local))
-        start += n
     return index
 
 
@@ -141,13 +139,11 @@ def collapse(marginals: tuple[Marginal, ...], costs: dict[str, jax.Array],
     the other costs are the same in every run and keep the first."""
     grouped = {c for m in marginals for c in m.costs}
     out = {c: v[:, 0] for c, v in costs.items() if c not in grouped}
-    start = 0
-    for m in marginals:
-        n = num_configs(m)
-        mine = {c: costs[c][:, start:start + n] for c in m.costs}
+    for m, runs_of_m in zip(marginals, group_runs([num_configs(m) for m in marginals]),
+                            strict=True):
+        mine = {c: costs[c][:, runs_of_m] for c in m.costs}
         out.update(_collapse_loop(m, mine, plate_order) if m.loop is not None
                    else _collapse(m, mine))
-        start += n
     return out
 
 

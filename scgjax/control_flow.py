@@ -39,12 +39,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from scgjax import primitives
+from scgjax import primitives, provenance
 from scgjax.dist import StackedSteps
 from scgjax.errors import SiteError
 from scgjax.primitives import CondIndepFrame, Message, Messenger
 
-__all__ = ["ScanStep", "scan"]
+__all__ = ["ScanStep", "Transition", "scan"]
 
 #: message fields that may hold arrays computed in the body: stacked over the steps
 #: (``collected``: what a handler inside the body kept of each step, e.g. an objective's)
@@ -64,6 +64,8 @@ class ScanStep(NamedTuple):
             ``rng_key``.
         requests: how many keys the step's sites have asked for (a counter shared by the
             handlers of the step).
+        choice: when the loop runs at a :class:`Transition`, the joint value index that the
+            step's enumerated sites take (``None`` otherwise).
     """
 
     name: str
@@ -72,6 +74,7 @@ class ScanStep(NamedTuple):
     rng_key: jax.Array | None
     site_keys: jax.Array | None = None
     requests: list | None = None
+    choice: jax.Array | None = None
 
     def next_key(self) -> jax.Array | None:
         """The next of :attr:`site_keys`, or ``None`` when there is none left."""
@@ -93,6 +96,34 @@ class ScanStep(NamedTuple):
         return jax.tree.map(
             lambda v: jax.lax.dynamic_index_in_dim(jnp.asarray(v), self.index, keepdims=False),
             value)
+
+
+class Transition(NamedTuple):
+    """A handler's request to run a loop at one pair of consecutive values of the sites it
+    enumerates (set on the loop's ``"scan"`` message, ``msg["kwargs"]["transition"]``).
+
+    Every step ``t`` runs with the sites at the joint value ``cur`` (:attr:`ScanStep.choice`;
+    the handler sets them), from the carry that step ``t - 1`` passes on at the value ``prev``
+    (step 0 from the initial carry). Run at every pair, step ``t``'s costs give the table
+    ``C_t[prev, cur]`` of the forward algorithm. Unless the carry a step passes on depends on
+    the carry it gets (beyond the enumerated values: a counter, a running sum), no step waits
+    for another: the carry is computed once per (value, step) and the steps run as one ``vmap``,
+    with no sequential loop (otherwise a ``lax.scan`` runs each step twice, at ``cur`` and at
+    ``prev``). The final carry is the one the last step passes on at ``prev``.
+
+    Attributes:
+        count: the number of joint values.
+        prev: the joint value index at the previous step.
+        cur: the joint value index at every step.
+        log_prob: a function of a sample site's message, evaluated at each step (within the
+            step, where each array varies only with what it depends on) and stacked as the
+            site's ``step_log_prob``; or ``None``.
+    """
+
+    count: int
+    prev: jax.Array
+    cur: jax.Array
+    log_prob: Callable | None = None
 
 
 class _collect_steps(Messenger):
@@ -176,15 +207,17 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
             raise SiteError(name, f"is an sg.scan run under the handler {type(h).__name__}, "
                             "which does not say how it treats a loop's sites: set its "
                             "scan_role ('step' or 'stacked') and, for 'step', for_step")
-    loop_msg = primitives.new_message("scan", name, args=(length,), kwargs={"rng_key": None})
-    key = primitives.apply_stack(loop_msg)["kwargs"]["rng_key"]
+    loop_msg = primitives.new_message("scan", name, args=(length,),
+                                      kwargs={"rng_key": None, "transition": None})
+    primitives.apply_stack(loop_msg)
+    key, transition = loop_msg["kwargs"]["rng_key"], loop_msg["kwargs"]["transition"]
     static: dict[str, Message] = {}
     counted: list = []
 
     def body(carry, inputs):
         step_in, x = inputs
         step = ScanStep(name, length, step_in["index"], step_in.get("key"),
-                        step_in.get("site_keys"), counted)
+                        step_in.get("site_keys"), counted, step_in.get("choice"))
         counted.clear()
         collector = _collect_steps(name)
         saved = list(primitives._HANDLER_STACK)
@@ -210,6 +243,8 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
         for site, msg in collector.messages.items():
             static[site] = msg
             arrays[site] = {k: msg[k] for k in _STACKED_FIELDS if _is_array_field(msg, k)}
+            if transition is not None and transition.log_prob and msg["type"] == "sample":
+                arrays[site]["step_log_prob"] = transition.log_prob(msg)
         return out[0], (out[1], arrays)
 
     steps: dict[str, Any] = {"index": jnp.arange(length)}
@@ -224,10 +259,64 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
         n = len(counted)
         if n:
             steps["site_keys"] = jax.random.split(jax.random.fold_in(key, 1), (length, n))
-    final, (ys, arrays) = jax.lax.scan(body, init, (steps, xs), length=length, reverse=reverse)
+    if transition is None:
+        final, (ys, arrays) = jax.lax.scan(body, init, (steps, xs), length=length,
+                                           reverse=reverse)
+    else:
+        final, (ys, arrays) = _transition_steps(name, body, init, steps, xs, transition, reverse)
     for site, msg in static.items():
         primitives.apply_stack_stacked(_stacked_message(name, length, msg, arrays[site]))
     return final, ys
+
+
+def _transition_steps(name: str, body: Callable, init: Any, steps: dict, xs: Any,
+                      transition: Transition, reverse: bool) -> tuple[Any, Any]:
+    """The loop run at ``transition`` (see :class:`Transition`): ``(final carry, (ys,
+    arrays))`` as ``lax.scan`` of ``body`` returns them."""
+    if reverse:
+        raise SiteError(name, "is an sg.scan with reverse=True whose sites are enumerated step "
+                        "by step; the forward algorithm needs a forward loop")
+
+    def at(choice: Any) -> Callable:
+        return lambda carry, step_in, x: body(carry, ({**step_in, "choice": choice}, x))
+
+    linked, per_step = _carry_flow(at(transition.cur), init, steps, xs)
+    if linked:
+        def twice(carry, inputs):  # the costs at cur, the carry passed on at prev
+            step_in, x = inputs
+            return (at(transition.prev)(carry, step_in, x)[0],
+                    at(transition.cur)(carry, step_in, x)[1])
+
+        return jax.lax.scan(twice, init, (steps, xs))
+    # the carry each step passes on at each value: (count, T, ...)
+    after = jax.vmap(lambda j: jax.vmap(lambda s, x: at(j)(init, s, x)[0])(steps, xs))(
+        jnp.arange(transition.count))
+    final = jax.tree.map(lambda a: a[transition.prev, -1], after)
+    head = at(transition.cur)(init, *jax.tree.map(lambda a: a[0], (steps, xs)))[1]
+    head = jax.tree.map(lambda a: jnp.asarray(a)[None], head)
+    if jax.tree.leaves(steps)[0].shape[0] == 1:
+        return final, head
+    # steps 1.. from the carry at prev; a carry that is the same at every step (it depends on
+    # the value only) enters unbatched, so what the step computes from it alone (a row of
+    # transition probabilities) is computed once, not once per step
+    leaves, treedef = jax.tree.flatten(after)
+    before = [a[transition.prev, :-1] if varies else a[transition.prev, 0]
+              for a, varies in zip(leaves, per_step, strict=True)]
+    axes = jax.tree.unflatten(treedef, [0 if varies else None for varies in per_step])
+    rest = jax.vmap(lambda c, s, x: at(transition.cur)(c, s, x)[1], in_axes=(axes, 0, 0))(
+        jax.tree.unflatten(treedef, before), *jax.tree.map(lambda a: a[1:], (steps, xs)))
+    return final, jax.tree.map(lambda h, r: jnp.concatenate([h, r.astype(h.dtype)]), head, rest)
+
+
+def _carry_flow(step: Callable, init: Any, steps: dict, xs: Any) -> tuple[bool, list[bool]]:
+    """Whether the carry that ``step(carry, step_in, x)`` passes on depends on the carry it
+    gets, and, per leaf of that carry, whether it depends on the step's own inputs."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)),
+                       (steps, xs))
+    carried = len(jax.tree.leaves(init))
+    deps = provenance.dependencies(lambda c, s, x: step(c, s, x)[0], init, *one)
+    linked = any(i < carried for d in deps for i in d)
+    return linked, [any(i >= carried for i in d) for d in deps]
 
 
 def _length(name: str, xs: Any, length: int | None) -> int:
@@ -276,7 +365,7 @@ def _stacked_message(loop: str, length: int, step_msg: Message, arrays: dict) ->
         step_ndim = len(step_batch)
         event_ndim = len(step_msg["fn"].event_shape)
         msg["value"] = _lead(msg["value"], step_ndim + event_ndim)
-        for key in ("scale", "mask"):
+        for key in ("scale", "mask", "step_log_prob"):
             if key in arrays:
                 msg[key] = _lead(msg[key], step_ndim)
     frame = CondIndepFrame(loop, -1 - step_ndim, length, length, time=True)

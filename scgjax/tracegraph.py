@@ -38,7 +38,7 @@ from scgjax.primitives import Message, Messenger
 from scgjax.provenance import source, source_lags
 from scgjax.scg import SCG, CostNode, Plate, node_from_message
 
-__all__ = ["GUIDED", "SINGLE", "Marginal", "Structure", "build", "cost_sites",
+__all__ = ["GUIDED", "SINGLE", "Marginal", "Structure", "build", "cost_sites", "density",
            "is_latent", "is_marginalised", "mark_sources", "sampling_role", "site_cost",
            "site_log_prob", "tied_groups"]
 
@@ -70,18 +70,24 @@ def site_log_prob(msg: Message) -> jax.Array:
     A site whose message says ``in_support`` (its value was drawn from its distribution, or
     from one with the very same support) skips numpyro's support check; an observed value is
     always checked (``-inf`` outside the support), also when traced: new data may reach a
-    jitted step every call."""
-    if msg.get("in_support"):
-        lp = log_prob_in_support(msg["fn"], msg["value"])
-    elif msg["is_observed"]:  # data: checked against the support in the jitted step too
-        with check_traced_values():
-            lp = msg["fn"].log_prob(msg["value"])
-    else:
-        lp = msg["fn"].log_prob(msg["value"])
+    jitted step every call. A site of an ``sg.scan`` loop may carry its density computed
+    inside the steps (``step_log_prob``, :func:`density` at each step)."""
+    lp = msg["step_log_prob"] if "step_log_prob" in msg else density(msg)
     lp = jnp.broadcast_to(lp, tuple(msg["fn"].batch_shape))
     if msg.get("mask") is not None:
         lp = jnp.where(msg["mask"], lp, 0.0)
     return lp
+
+
+def density(msg: Message) -> jax.Array:
+    """``log fn(value)`` of a sample site as its distribution gives it (not masked), with the
+    support checks of :func:`site_log_prob`."""
+    if msg.get("in_support"):
+        return log_prob_in_support(msg["fn"], msg["value"])
+    if msg["is_observed"]:  # data: checked against the support in the jitted step too
+        with check_traced_values():
+            return msg["fn"].log_prob(msg["value"])
+    return msg["fn"].log_prob(msg["value"])
 
 
 def site_cost(msg: Message, sign: float = 1.0, log_prob: jax.Array | None = None

@@ -329,10 +329,11 @@ def hmm(ys, reverse=False):
             sg.scan(step, start, xs=ys, reverse=reverse)
 
 
-def hmm_forward(p, ys):
-    """log p(y_{1:T}) by the forward algorithm in plain JAX."""
+def hmm_forward(p, ys, shift=0.0):
+    """log p(y_{1:T}) by the forward algorithm in plain JAX (emission means ``locs +
+    shift[t]``)."""
     log_trans = jax.nn.log_softmax(p["trans"], -1)
-    emit = dist.Normal(p["locs"], 1.0).log_prob(ys[:, None])
+    emit = dist.Normal(p["locs"] + jnp.reshape(shift, (-1, 1)), 1.0).log_prob(ys[:, None])
 
     def step(alpha, e):
         return jax.nn.logsumexp(alpha[:, None] + log_trans, 0) + e, None
@@ -361,6 +362,42 @@ def test_hmm_per_sequence_in_a_plate():
     exact = hmm_forward(params, ys[:, 0]) + hmm_forward(params, ys[:, 1])
     np.testing.assert_allclose(-loss, exact, rtol=1e-5)
     assert sg.graph(hmm, no_guide, ys, params=params).costs["log sum_{z} p"].plates == ("seqs",)
+
+
+def shifted_hmm(ys, carry):
+    """The HMM with emission means ``locs[z] + shift_t``, the shift carried by the loop:
+    ``"count"``: a step counter (the carry each step passes on depends on the one it gets, so
+    the steps run in sequence), ``"last"``: the previous observation (it varies per step but
+    does not depend on the carry: the steps run as one vmap)."""
+    trans = sg.param("trans", jnp.eye(HMM_S) * 2.0 + 0.1)
+    init = sg.param("init", jnp.zeros(HMM_S))
+    locs = sg.param("locs", jnp.array([-2.0, 0.0, 2.0]))
+
+    def step(state, y):
+        prev, extra = state
+        logits = jnp.where(prev < 0, init, trans[jnp.maximum(prev, 0)])
+        z = sg.sample("z", dist.Categorical(logits=logits), infer=ENUM)
+        shift = 0.01 * extra if carry == "count" else 0.5 * extra
+        sg.sample("y", dist.Normal(locs[z] + shift, 1.0), obs=y)
+        return (z, extra + 1.0 if carry == "count" else y), None
+
+    sg.scan(step, (jnp.array(-1), jnp.array(0.0)), xs=ys)
+
+
+@pytest.mark.parametrize("carry", ["count", "last"])
+@pytest.mark.parametrize("horizon", [1, 40])
+def test_hmm_whose_carry_holds_more_than_the_state(carry, horizon):
+    ys = jax.random.normal(jax.random.key(2), (horizon,)) * 2.0
+    model = lambda ys: shifted_hmm(ys, carry)  # noqa: E731
+    params = sg.init_params(0, model, no_guide, ys)
+    loss, grad = jax.jit(jax.value_and_grad(lambda p: sg.ELBO().loss(
+        jax.random.key(0), p, model, no_guide, ys)))(params)
+    shift = (0.01 * jnp.arange(horizon) if carry == "count"
+             else 0.5 * jnp.concatenate([jnp.zeros(1), ys[:-1]]))
+    exact, exact_grad = jax.value_and_grad(hmm_forward)(params, ys, shift)
+    np.testing.assert_allclose(-loss, exact, rtol=1e-5)
+    for k, v in exact_grad.items():
+        np.testing.assert_allclose(-grad[k], v, rtol=1e-4, atol=1e-4 * float(jnp.abs(v).max()))
 
 
 def test_loops_the_forward_algorithm_cannot_sum_are_refused():

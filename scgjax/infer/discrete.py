@@ -28,9 +28,8 @@ from scgjax.layout import SiteLayout, reduce_to
 from scgjax.objectives import enumeration
 from scgjax.objectives.marginal import (
     check_budget,
-    config_index,
     marginalise,
-    num_configs,
+    over_configs,
     step_tables,
 )
 from scgjax.tracegraph import GUIDED, build, is_marginalised, mark_sources, site_cost
@@ -150,9 +149,9 @@ def _posterior_values(model: Callable, key_model: jax.Array, key_draw: jax.Array
     for group, marginal in enumerate(structure.marginals):  # independent: one at a time
         check_budget(marginal)
 
-        def log_joint(config: jax.Array, marginal=marginal) -> jax.Array:
+        def log_joint(index: dict, marginal=marginal) -> jax.Array:
             """Per element of the sites' plates (the other groups at their first value)."""
-            tr = run(config_index(marginal, config), False)
+            tr = run(index, False)
             total = 0.0
             for cid, _, site, sign in structure.costs:
                 if cid in marginal.costs:
@@ -161,7 +160,7 @@ def _posterior_values(model: Callable, key_model: jax.Array, key_draw: jax.Array
                     total = total + reduce_to(cost[None], marginal.keep)[0]
             return total / marginal.scale
 
-        logits = jax.vmap(log_joint)(jnp.arange(num_configs(marginal)))
+        logits = over_configs(marginal, log_joint)
         key = jax.random.fold_in(key_draw, group)
         if marginal.loop is not None:
             chosen = _decode_chain(marginal, logits, order, temperature, key)

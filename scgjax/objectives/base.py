@@ -175,12 +175,9 @@ class Objective:
             marginalisation.check_budget(marginal)
         summed = bool(enumerated or marginals)
         grouped = enumeration.groups(structure, enumerated)
-        configs = (enumeration.runs(structure, grouped) if enumerated else
-                   marginalisation.runs(marginals) if marginals else 1)
+        configs = enumeration.runs(structure, grouped) if enumerated else 1
 
-        def one_config(particle_key, particle_probes, config):
-            index = (marginalisation.run_index(marginals, config) if marginals
-                     else enumeration.run_index(structure, grouped, config))
+        def one_config(particle_key, particle_probes, index):
             traces = program.run(self.kind, particle_key, params, programs, args, kwargs, k,
                                  probes=particle_probes, enum_index=index,
                                  default=self.default_estimator)
@@ -189,8 +186,12 @@ class Objective:
         def one_particle(particle_key, particle_probes):
             if not summed:
                 return one_config(particle_key, particle_probes, None)
-            return jax.vmap(one_config, in_axes=(None, None, 0))(particle_key, particle_probes,
-                                                                  jnp.arange(configs))
+            if marginals:
+                return marginalisation.over_runs(
+                    marginals, lambda index: one_config(particle_key, particle_probes, index))
+            return jax.vmap(lambda config: one_config(
+                particle_key, particle_probes, enumeration.run_index(structure, grouped, config)
+            ))(jnp.arange(configs))
 
         chunk = self.particle_chunk
         if chunk is not None and chunk < k:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from scgjax.control_flow import Transition
 from scgjax.dist import joint_support
 from scgjax.errors import SiteError
 from scgjax.estimators.enumerate import check_joint_support
@@ -34,10 +35,10 @@ from scgjax.layout import reduce_to
 from scgjax.objectives.checks import check_enumerated_batch
 from scgjax.objectives.enumeration import group_runs, local_runs
 from scgjax.primitives import Message, Messenger
-from scgjax.tracegraph import Marginal
+from scgjax.tracegraph import Marginal, density
 
-__all__ = ["MAX_CONFIGS", "collapse", "config_index", "marginalise", "num_configs", "run_index",
-           "runs", "step_tables", "wants_enumeration"]
+__all__ = ["MAX_CONFIGS", "StepPair", "collapse", "config_index", "marginalise", "num_configs",
+           "over_configs", "over_runs", "run_index", "runs", "step_tables", "wants_enumeration"]
 
 #: the most joint values of the marginalised sites an objective enumerates
 MAX_CONFIGS = 2**16
@@ -49,9 +50,22 @@ def wants_enumeration(msg: Message) -> bool:
             and (msg.get("infer") or {}).get("enumerate") == "parallel")
 
 
+class StepPair(NamedTuple):
+    """The run of a loop's summed-out sites at one pair of consecutive joint values: every
+    step takes the value ``cur`` after a step at ``prev`` (the loop runs at a
+    :class:`~scgjax.control_flow.Transition`), so step ``t``'s costs are ``C_t[prev, cur]``."""
+
+    loop: str
+    sites: tuple[str, ...]
+    sizes: tuple[int, ...]
+    prev: Any
+    cur: Any
+
+
 class marginalise(Messenger):
     """Set each of the model's sites to be summed out (marked for enumeration, not sampled
-    by the guide) to the support value that ``enum_index`` picks (the first one without it)."""
+    by the guide) to the support value that ``enum_index`` picks (the first one without it);
+    a :class:`StepPair` runs the sites' loop at that transition."""
 
     scan_role = "step"
 
@@ -60,22 +74,28 @@ class marginalise(Messenger):
         super().__init__(fn)
         self.guide_trace = guide_trace or {}
         self.enum_index = enum_index or {}
+        self.loops = {v.loop: v for v in self.enum_index.values() if isinstance(v, StepPair)}
         self._step: Any = None
 
     def for_step(self, step: Any) -> marginalise:
         return at_step(self, step)
 
     def _index(self, name: str) -> Any:
-        """The support index of site ``name`` here: a pair ``(a, b)`` (a site of a loop summed
-        by the forward algorithm) gives ``a`` at the even steps and ``b`` at the odd ones."""
+        """The support index of site ``name`` here (for a :class:`StepPair`, from the step's
+        joint value)."""
         index = self.enum_index.get(name, 0)
-        if not isinstance(index, tuple):
+        if not isinstance(index, StepPair):
             return index
-        if self._step is None:
-            return index[0]
-        return jnp.where(self._step.index % 2 == 0, index[0], index[1])
+        step = self._step
+        joint = index.cur if step is None or step.choice is None else step.choice
+        return jnp.unravel_index(joint, index.sizes)[index.sites.index(name)]
 
     def process_message(self, msg: Message) -> None:
+        if msg["type"] == "scan" and msg["name"] in self.loops:
+            pair = self.loops[msg["name"]]
+            msg["kwargs"]["transition"] = Transition(math.prod(pair.sizes), pair.prev, pair.cur,
+                                                     log_prob=density)
+            return
         if not wants_enumeration(msg) or msg["name"] in self.guide_trace:
             return
         fn = msg["fn"]
@@ -106,15 +126,43 @@ def num_configs(marginal: Marginal) -> int:
     return n * n if marginal.loop is not None else n
 
 
-def config_index(marginal: Marginal, config: jax.Array) -> dict[str, Any]:
-    """Each site's support index in configuration ``config``; for a loop's sites a pair
-    ``(a, b)``: the value at the even steps and at the odd ones."""
+def config_index(marginal: Marginal, config: Any) -> dict[str, Any]:
+    """Each site's support index in configuration ``config``; for a loop's sites the
+    :class:`StepPair` ``(prev, cur) = divmod(config, n)`` of ``n`` joint values."""
     if marginal.loop is None:
         return dict(zip(marginal.sites, jnp.unravel_index(config, marginal.sizes), strict=True))
     n = math.prod(marginal.sizes)
-    even = jnp.unravel_index(config // n, marginal.sizes)
-    odd = jnp.unravel_index(config % n, marginal.sizes)
-    return {s: (a, b) for s, a, b in zip(marginal.sites, even, odd, strict=True)}
+    return _pair(marginal, config // n, config % n)
+
+
+def _pair(marginal: Marginal, prev: Any, cur: Any) -> dict[str, StepPair]:
+    pair = StepPair(marginal.loop, marginal.sites, marginal.sizes, prev, cur)
+    return dict.fromkeys(marginal.sites, pair)
+
+
+def over_configs(marginal: Marginal, fn: Callable[[dict], Any]) -> Any:
+    """``fn(index)`` at every configuration of ``marginal``'s sites, stacked on a leading axis
+    of :func:`num_configs` (``index``: :func:`config_index`). For a loop's sites the runs are a
+    ``vmap`` over ``prev`` around one over ``cur``: what depends on one of them only (a
+    transition's row, an emission) is computed once per value, not once per pair."""
+    n = math.prod(marginal.sizes)
+    values = jnp.arange(n)
+    if marginal.loop is None:
+        return jax.vmap(lambda c: fn(config_index(marginal, c)))(values)
+    out = jax.vmap(lambda p: jax.vmap(lambda c: fn(_pair(marginal, p, c)))(values))(values)
+    return jax.tree.map(lambda x: x.reshape((n * n, *x.shape[2:])), out)
+
+
+def over_runs(marginals: tuple[Marginal, ...], fn: Callable[[dict], Any]) -> Any:
+    """``fn(index)`` at every run of every group (:func:`runs` in all, on a leading axis; the
+    groups' runs one after another, each with the other groups at their first value)."""
+    if all(m.loop is None for m in marginals):  # one vmap over all runs
+        return jax.vmap(lambda r: fn(run_index(marginals, r)))(jnp.arange(runs(marginals)))
+    first = {}
+    for m in marginals:
+        first.update(config_index(m, 0))
+    blocks = [over_configs(m, lambda index: fn({**first, **index})) for m in marginals]
+    return jax.tree.map(lambda *b: jnp.concatenate(b), *blocks)
 
 
 def runs(marginals: tuple[Marginal, ...]) -> int:
@@ -164,9 +212,9 @@ def _collapse_loop(marginal: Marginal, costs: dict[str, jax.Array],
                    plate_order: tuple[str, ...]) -> dict[str, jax.Array]:
     """The forward algorithm over the loop's steps, from the runs at every pair of values.
 
-    In the run at pair ``(a, b)`` the sites take ``a`` at even steps and ``b`` at odd ones,
-    so step ``t``'s costs are ``c_t(prev = b, cur = a)`` at even ``t`` and ``c_t(a, b)`` at
-    odd ``t``: the ``S^2`` runs give every step's table ``C_t[prev, cur]``. Then
+    The run at pair ``(prev, cur)`` (:class:`StepPair`) gives every step's costs at
+    ``(z_{t-1}, z_t) = (prev, cur)``: the ``S^2`` runs give every step's table
+    ``C_t[prev, cur]``. Then
     ``alpha_0 = C_0[., cur]``, ``alpha_t[cur] = logsumexp_prev(alpha_{t-1}[prev] +
     C_t[prev, cur])``, and the marginal is ``logsumexp(alpha_{T-1})``: O(T S^2), one
     ``lax.scan``.
@@ -192,10 +240,7 @@ def step_tables(marginal: Marginal, total: jax.Array, plate_order: tuple[str, ..
     k, s = total.shape[0], math.prod(marginal.sizes)
     axis = 2 + list(plate_order).index(marginal.loop)  # the time axis, after K and configs
     x = total.reshape((k, s, s, *total.shape[2:]))
-    x = jnp.moveaxis(x, axis + 1, 0)  # (T, K, a, b, *other axes)
-    steps = x.shape[0]
-    even = (jnp.arange(steps) % 2 == 0).reshape((steps, 1, 1, 1) + (1,) * (x.ndim - 4))
-    return jnp.where(even, jnp.swapaxes(x, 2, 3), x), axis
+    return jnp.moveaxis(x, axis + 1, 0), axis  # (T, K, prev, cur, *other axes)
 
 
 def _collapse(marginal: Marginal, costs: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -49,13 +49,16 @@ to the params against the hand-written forward algorithm's.
 
 **Diagnostics** (T = ``--diag-horizons``): where scgjax's time goes. ``value_and_grad`` alone
 (no optimiser), interleaved rounds, of scgjax's loss and of hand-written versions of the steps
-of its path (see ``scgjax/objectives/marginal.py``: the model runs once per pair ``(a, b)`` of
-values, the state ``a`` at even steps and ``b`` at odd ones, vmapped over the ``S^2`` pairs;
-each step's costs are stacked and a log-space forward scan runs over the step tables):
+of its path (see ``scgjax/objectives/marginal.py`` and ``scgjax.control_flow.Transition``: the
+model runs once per pair ``(prev, cur)`` of values, a vmap over ``prev`` around one over
+``cur``; in each run the loop's steps run as one vmap, each from the carry the previous step
+passes on at ``prev``, with the state at ``cur``; each step's costs are stacked and a log-space
+forward scan runs over the step tables), and of the path it took before (the state ``a`` at
+even steps and ``b`` at odd ones, each of the ``S^2`` runs a sequential scan):
 
 - ``tables``: the forward algorithm over per-step ``(S, S)`` tables built by broadcasting
   (the forward-scan part of scgjax's path alone);
-- ``pairs``: scgjax's path by hand: ``S^2`` runs (vmap) of a ``lax.scan`` of the model's step
+- ``pairs``: scgjax's former path by hand: ``S^2`` runs (vmap) of a ``lax.scan`` of the model's step
   (it stacks each step's logits and emission mean), log-densities after the scan, the even/odd
   swap, the forward scan over the tables;
 - ``pairs_unroll``: ``pairs`` with the model's scan unrolled 8 steps (``lax.scan(...,
@@ -65,8 +68,9 @@ each step's costs are stacked and a log-space forward scan runs over the step ta
 - ``nested``: no model scan and two nested vmaps instead of one over the ``S^2`` pairs: the
   previous value outside, the current one inside, so that the work that depends on the
   previous value only (the transition logits and their ``log_softmax``) runs ``S`` times per
-  step, not ``S^2``; the step tables then feed the same forward scan (a way scgjax could take,
-  see bench/README.md);
+  step, not ``S^2``; the step tables then feed the same forward scan (scgjax's path now,
+  except that scgjax computes ``log_softmax`` of a transition row once per previous value, not
+  once per step: the incoming carry is the same at every step);
 
 and the same programs' structure: ``scan`` equations of the jaxpr, ``while`` loops of the
 optimised HLO, XLA's cost analysis.
@@ -128,7 +132,7 @@ DIAG_LABELS = {"scgjax": "scgjax ELBO loss", "scgjax_value": "scgjax ELBO loss, 
                "hand": "hand-written forward algorithm",
                "hand_value": "hand-written, value only",
                "tables": "forward scan over per-step tables",
-               "pairs": "S^2 pair runs (model scan) + forward scan (scgjax's path by hand)",
+               "pairs": "S^2 pair runs (model scan) + forward scan (scgjax's former path)",
                "pairs_unroll": "pairs, model scan unroll=8",
                "pairs_vec": "S^2 pair runs, no model scan",
                "nested": "prev x cur nested vmaps, no model scan"}

@@ -46,6 +46,14 @@ from scgjax.primitives import CondIndepFrame, Message, Messenger
 
 __all__ = ["ScanStep", "Transition", "scan"]
 
+#: what a handler may ask of a loop, in the ``kwargs`` of its ``"scan"`` message: the loop's
+#: PRNG key (``seed``); a :class:`Transition`; a function of each sample site's step message
+#: whose value is stacked as the site's ``step_log_prob``; a ``runner(body, init, steps, xs,
+#: sites)`` that runs the loop instead of ``lax.scan`` (``body(carry, (step_in, x))`` is the
+#: step with the handlers installed, ``steps`` its per-step inputs, ``sites`` the step's
+#: messages once the body has been traced) and returns what ``lax.scan(body, ...)`` would
+_LOOP_REQUESTS = {"rng_key": None, "transition": None, "step_log_prob": None, "runner": None}
+
 #: message fields that may hold arrays computed in the body: stacked over the steps
 #: (``collected``: what a handler inside the body kept of each step, e.g. an objective's)
 _STACKED_FIELDS = ("value", "fn", "scale", "mask", "collected")
@@ -115,15 +123,11 @@ class Transition(NamedTuple):
         count: the number of joint values.
         prev: the joint value index at the previous step.
         cur: the joint value index at every step.
-        log_prob: a function of a sample site's message, evaluated at each step (within the
-            step, where each array varies only with what it depends on) and stacked as the
-            site's ``step_log_prob``; or ``None``.
     """
 
     count: int
     prev: jax.Array
     cur: jax.Array
-    log_prob: Callable | None = None
 
 
 class _collect_steps(Messenger):
@@ -207,10 +211,10 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
             raise SiteError(name, f"is an sg.scan run under the handler {type(h).__name__}, "
                             "which does not say how it treats a loop's sites: set its "
                             "scan_role ('step' or 'stacked') and, for 'step', for_step")
-    loop_msg = primitives.new_message("scan", name, args=(length,),
-                                      kwargs={"rng_key": None, "transition": None})
-    primitives.apply_stack(loop_msg)
-    key, transition = loop_msg["kwargs"]["rng_key"], loop_msg["kwargs"]["transition"]
+    loop_msg = primitives.new_message("scan", name, args=(length,), kwargs=dict(_LOOP_REQUESTS))
+    requests = primitives.apply_stack(loop_msg)["kwargs"]
+    key, transition, step_log_prob = (requests["rng_key"], requests["transition"],
+                                      requests["step_log_prob"])
     static: dict[str, Message] = {}
     counted: list = []
 
@@ -243,8 +247,8 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
         for site, msg in collector.messages.items():
             static[site] = msg
             arrays[site] = {k: msg[k] for k in _STACKED_FIELDS if _is_array_field(msg, k)}
-            if transition is not None and transition.log_prob and msg["type"] == "sample":
-                arrays[site]["step_log_prob"] = transition.log_prob(msg)
+            if step_log_prob is not None and msg["type"] == "sample":
+                arrays[site]["step_log_prob"] = step_log_prob(msg)
         return out[0], (out[1], arrays)
 
     steps: dict[str, Any] = {"index": jnp.arange(length)}
@@ -259,7 +263,9 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
         n = len(counted)
         if n:
             steps["site_keys"] = jax.random.split(jax.random.fold_in(key, 1), (length, n))
-    if transition is None:
+    if requests["runner"] is not None:
+        final, (ys, arrays) = requests["runner"](body, init, steps, xs, static)
+    elif transition is None:
         final, (ys, arrays) = jax.lax.scan(body, init, (steps, xs), length=length,
                                            reverse=reverse)
     else:

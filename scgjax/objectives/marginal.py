@@ -93,8 +93,8 @@ class marginalise(Messenger):
     def process_message(self, msg: Message) -> None:
         if msg["type"] == "scan" and msg["name"] in self.loops:
             pair = self.loops[msg["name"]]
-            msg["kwargs"]["transition"] = Transition(math.prod(pair.sizes), pair.prev, pair.cur,
-                                                     log_prob=density)
+            msg["kwargs"]["transition"] = Transition(math.prod(pair.sizes), pair.prev, pair.cur)
+            msg["kwargs"]["step_log_prob"] = density  # each site's density inside the step
             return
         if not wants_enumeration(msg) or msg["name"] in self.guide_trace:
             return

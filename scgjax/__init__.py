@@ -2,7 +2,7 @@
 
 Write a model and a guide as Python functions with :func:`sample`, :func:`param`,
 :class:`plate`, :func:`factor`; pick a gradient estimator per random choice; train with an
-objective (:class:`ELBO`, :class:`IWAE`, :class:`RWS`, :class:`WakeSleep`,
+objective (:class:`ELBO`, :class:`IWAE`, :class:`SMC`, :class:`RWS`, :class:`WakeSleep`,
 :class:`AmortisedWakeSleep`, :class:`Expectation`) and optax through :class:`SVI`. The surrogate
 loss credits each random choice only with the costs downstream of it, element by element
 through plates, and is unbiased for gradients of any order (DiCE).
@@ -31,6 +31,7 @@ from scgjax.objectives import (
     ELBO,
     IWAE,
     RWS,
+    SMC,
     AmortisedWakeSleep,
     Expectation,
     Objective,
@@ -63,6 +64,7 @@ __all__ = [
     "RWS",
     "RenyiELBO",
     "SCG",
+    "SMC",
     "STL",
     "SVI",
     "SVIRunResult",

@@ -7,6 +7,7 @@ from scgjax.objectives.expectation import Expectation
 from scgjax.objectives.iwae import IWAE, RenyiELBO
 from scgjax.objectives.program import graph
 from scgjax.objectives.rws import RWS, WakeSleep
+from scgjax.objectives.smc import SMC
 
 __all__ = ["AmortisedWakeSleep", "ELBO", "Expectation", "IWAE", "Objective", "RWS", "RenyiELBO",
-           "WakeSleep", "graph"]
+           "SMC", "WakeSleep", "graph"]

@@ -26,7 +26,7 @@ from scgjax.estimators import (
     ScoreFunction,
     StraightThrough,
 )
-from scgjax.infer import SVI, SVIRunResult, SVIState, infer_discrete
+from scgjax.infer import SVI, Checkpoints, SVIRunResult, SVIState, infer_discrete
 from scgjax.objectives import (
     ELBO,
     IWAE,
@@ -47,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARM",
+    "Checkpoints",
     "AmortisedWakeSleep",
     "DCV",
     "DReG",

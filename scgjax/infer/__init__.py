@@ -1,6 +1,7 @@
 """Training and inference: SVI with optax; infer_discrete."""
 
+from scgjax.infer.checkpoint import Checkpoints
 from scgjax.infer.discrete import infer_discrete
 from scgjax.infer.svi import SVI, SVIRunResult, SVIState
 
-__all__ = ["SVI", "SVIRunResult", "SVIState", "infer_discrete"]
+__all__ = ["Checkpoints", "SVI", "SVIRunResult", "SVIState", "infer_discrete"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Protocol
@@ -16,6 +17,7 @@ import optax
 from scgjax import handlers
 from scgjax.diagnostics import explain_nonfinite
 from scgjax.errors import NonFiniteError, SiteError
+from scgjax.infer.checkpoint import Checkpoints
 from scgjax.objectives import Objective, program
 from scgjax.objectives.program import SINGLE, site_log_prob
 from scgjax.params import (
@@ -262,7 +264,8 @@ class SVI:
 
     def run(self, rng_key: Any, num_steps: int, *args, batches: Batches | None = None,
             progress_bar: bool | ProgressBar = True, state: SVIState | None = None,
-            log_every: int | None = None, stop_on_nonfinite: bool = True, **kwargs
+            log_every: int | None = None, stop_on_nonfinite: bool = True,
+            checkpoint: Checkpoints | str | os.PathLike | None = None, **kwargs
             ) -> SVIRunResult:
         """Run ``num_steps`` steps; show a progress bar with the running objective.
 
@@ -304,13 +307,22 @@ class SVI:
 
         ``stop_on_nonfinite=False`` keeps training whatever the loss.
 
+        ``checkpoint`` (a :class:`~scgjax.infer.checkpoint.Checkpoints`, or a directory) saves
+        the state every ``Checkpoints.every`` steps and after the last one (states checked
+        finite first), with orbax. When the directory already holds a checkpoint, the run
+        resumes from the latest one: its state (so ``rng_key`` is not used), its step (the
+        run goes on to ``num_steps`` in all; ``batches(step)`` gets the step counted from the
+        start of the whole run, and an iterable of batches is advanced past the steps done)
+        and its history (``losses`` covers every step). The result is bit for bit that of a
+        run that was never interrupted.
+
         ``progress_bar`` is ``True`` (a tqdm bar of this run's steps, when tqdm is installed),
         ``False``, or a bar made by the caller (anything with tqdm's ``update(n)`` and
         ``set_postfix_str(s)``): the run advances it by its steps and leaves it open, so that
         one bar can follow several runs (training in segments, with evaluations between).
 
-        With ``state=`` (to resume), ``rng_key`` is not used: the state carries its own key, so
-        a resumed run continues the same random stream.
+        With ``state=`` (to resume), ``rng_key`` is not used (it may be ``None``): the state
+        carries its own key, so a resumed run continues the same random stream.
 
         The metrics reach the host every ``log_every`` steps (default: a hundredth of the run):
         stacked on the device, up to 128 steps per array, and fetched with one
@@ -361,6 +373,13 @@ class SVI:
             source = _BatchSource(batches, num_steps)
             if num_steps > 0 or state is None:  # the first batch: the initial params, checks
                 args = source(0)
+        resumed = state is not None
+        saves = None
+        if checkpoint is not None:
+            saves = checkpoint if isinstance(checkpoint, Checkpoints) else Checkpoints(
+                checkpoint)
+            if rng_key is None and state is None and saves.latest_step() is not None:
+                rng_key = 0  # the state comes from the checkpoint: any key builds its template
         if state is None:
             key = handlers.as_prng_key(rng_key)
             self._check_arguments(key, None, args, kwargs)
@@ -370,12 +389,23 @@ class SVI:
         elif source is None or num_steps > 0:  # (resuming for no step: no batch to check)
             self._check_arguments(state.rng_key, state.params, args, kwargs)
             self._check_data(state.params, args, kwargs)
+        start, save_every = 0, num_steps + 1
         history = _History(num_steps)
+        if saves is not None:
+            save_every = saves.interval(num_steps)
+            start, state = _resume(saves, state, resumed, num_steps, history)
+            if source is not None and source._it is not None:
+                for j in range(1, start):  # the iterable's batches of the steps done
+                    source(j)
+            if start and source is not None and start < num_steps:
+                args = source(start)
         own_bar = isinstance(progress_bar, (bool, np.bool_))
         bar = _progress(num_steps, bool(progress_bar)) if own_bar else progress_bar
-        shown = 0  # steps shown on the bar
+        shown = start  # steps shown on the bar
+        if bar is not None and start:
+            bar.update(start)
         every = log_every or max(1, num_steps // 100)
-        good, good_step = state, 0  # the last state known to be finite, and its step
+        good, good_step = state, start  # the last state known to be finite, and its step
         # each step's arguments since ``good_step`` (to replay them after a non-finite loss)
         recent: list[tuple] = []
         keep = stop_on_nonfinite and source is not None
@@ -386,14 +416,15 @@ class SVI:
             keep_for = max(1, _KEPT_BYTES // max(1, size))
         step_args = args
         try:
-            for i in range(num_steps):
-                if i > 0 and source is not None:
+            for i in range(start, num_steps):
+                if i > start and source is not None:
                     step_args = source(i)
                 if keep:
                     recent.append(step_args)
                 state, metrics = self._update(state, step_args, kwargs)
                 history.append(metrics)
-                if i % every == 0 or i == num_steps - 1 or len(recent) >= keep_for:
+                save = (i + 1) % save_every == 0 or (saves is not None and i == num_steps - 1)
+                if i % every == 0 or i == num_steps - 1 or len(recent) >= keep_for or save:
                     losses = history.flush()
                     if stop_on_nonfinite:
                         if not (np.isfinite(losses[good_step:i + 1]).all()
@@ -404,6 +435,8 @@ class SVI:
                                                         kwargs)
                         good, good_step = state, i + 1
                         recent.clear()
+                    if save:
+                        saves.save(i + 1, state, history.result(i + 1, scalars_only=True))
                     if bar is not None:
                         running = float(np.mean(losses[max(0, i + 1 - every):i + 1]))
                         bar.set_postfix_str(f"objective {-running:.4g}")
@@ -658,6 +691,25 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 
 
+def _resume(saves: Checkpoints, state: SVIState, given: bool, num_steps: int,
+            history: _History) -> tuple[int, SVIState]:
+    """``(step, state)`` to start from: the latest checkpoint's (its history loaded into
+    ``history``), or ``(0, state)`` when there is none."""
+    latest = saves.latest_step()
+    if latest is None:
+        return 0, state
+    if given:
+        raise ValueError(f"SVI.run got state= and a checkpoint directory that already holds a "
+                         f"checkpoint (step {latest}, {saves.directory}): resume from the "
+                         "checkpoint (drop state=) or use an empty directory")
+    if latest > num_steps:
+        raise ValueError(f"SVI.run: the latest checkpoint in {saves.directory} is at step "
+                         f"{latest}, beyond num_steps={num_steps}")
+    state, step, metrics = saves.restore(state, latest)
+    history.preload(metrics, step)
+    return step, state
+
+
 class _BatchSource:
     """Each step's positional arguments from ``SVI.run(..., batches=...)`` (see there)."""
 
@@ -738,6 +790,13 @@ class _History:
             self.last = {k: v for k, v in metrics.items() if k not in scalars}
         if len(self.pending) == _CHUNK:
             self._stack()
+
+    def preload(self, metrics: dict[str, np.ndarray], steps: int) -> None:
+        """The scalar metrics of the first ``steps`` steps (a resumed run's)."""
+        for name, values in metrics.items():
+            self.host[name] = np.empty(self.num_steps, values.dtype)
+            self.host[name][:steps] = values[:steps]
+        self.done = steps
 
     def _stack(self) -> None:
         n = len(self.pending)

@@ -187,8 +187,11 @@ class Objective:
             if not summed:
                 return one_config(particle_key, particle_probes, None)
             if marginals:
-                return marginalisation.over_runs(
-                    marginals, lambda index: one_config(particle_key, particle_probes, index))
+                def presummed(index):
+                    logq, costs, extras = one_config(particle_key, particle_probes, index)
+                    return logq, marginalisation.presum(marginals, costs), extras
+
+                return marginalisation.over_runs(marginals, presummed)
             return jax.vmap(lambda config: one_config(
                 particle_key, particle_probes, enumeration.run_index(structure, grouped, config)
             ))(jnp.arange(configs))

@@ -38,7 +38,8 @@ from scgjax.primitives import Message, Messenger
 from scgjax.tracegraph import Marginal, density
 
 __all__ = ["MAX_CONFIGS", "StepPair", "collapse", "config_index", "marginalise", "num_configs",
-           "over_configs", "over_runs", "run_index", "runs", "step_tables", "wants_enumeration"]
+           "over_configs", "over_runs", "presum", "run_index", "runs", "step_tables",
+           "wants_enumeration"]
 
 #: the most joint values of the marginalised sites an objective enumerates
 MAX_CONFIGS = 2**16
@@ -181,55 +182,52 @@ def run_index(marginals: tuple[Marginal, ...], run: jax.Array) -> dict[str, Any]
     return index
 
 
-def collapse(marginals: tuple[Marginal, ...], costs: dict[str, jax.Array],
-             plate_order: tuple[str, ...] = ()) -> dict[str, jax.Array]:
-    """Every group's costs (``(K, runs, *plates)``, its own runs) replaced by its marginal;
-    the other costs are the same in every run and keep the first."""
-    grouped = {c for m in marginals for c in m.costs}
-    out = {c: v[:, 0] for c, v in costs.items() if c not in grouped}
-    for m, runs_of_m in zip(marginals, group_runs([num_configs(m) for m in marginals]),
-                            strict=True):
-        mine = {c: costs[c][:, runs_of_m] for c in m.costs}
-        out.update(_collapse_loop(m, mine, plate_order) if m.loop is not None
-                   else _collapse(m, mine))
+def presum(marginals: tuple[Marginal, ...], costs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """One run's costs (one particle's, canonical layout) with each group's costs replaced by
+    their sum reduced to the group's plates (:attr:`Marginal.keep`), divided by its scale,
+    under the group's id: done inside the runs' ``vmap``, so that only the sum is stacked
+    over the runs, and each term of it varies only with what it depends on."""
+    out = dict(costs)
+    for m in marginals:
+        total = None
+        for c in m.costs:
+            x = reduce_to(out.pop(c)[None], m.keep)[0]
+            total = x if total is None else total + x
+        out[m.id] = total / m.scale if m.scale != 1.0 else total
     return out
 
 
-def _summed(marginal: Marginal, costs: dict[str, jax.Array]) -> jax.Array:
-    """The marginal's costs, reduced to the sites' plates and added: ``(K, configs, ...)``,
-    divided by the sites' scale."""
-    total = None
-    for c in marginal.costs:
-        x = costs[c]
-        k, n = x.shape[:2]
-        x = reduce_to(x.reshape((k * n, *x.shape[2:])), marginal.keep)
-        x = x.reshape((k, n, *x.shape[1:]))
-        total = x if total is None else total + x
-    return total / marginal.scale if marginal.scale != 1.0 else total
+def collapse(marginals: tuple[Marginal, ...], costs: dict[str, jax.Array],
+             plate_order: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+    """Every group's summed costs (``(K, runs, *plates)`` under the group's id, from
+    :func:`presum`; its own runs) replaced by its marginal; the other costs are the same in
+    every run and keep the first."""
+    out = {c: v[:, 0] for c, v in costs.items() if c not in {m.id for m in marginals}}
+    for m, runs_of_m in zip(marginals, group_runs([num_configs(m) for m in marginals]),
+                            strict=True):
+        total = costs[m.id][:, runs_of_m]
+        out[m.id] = m.scale * (_forward(m, total, plate_order) if m.loop is not None
+                               else jax.nn.logsumexp(total, axis=1))
+    return out
 
 
-def _collapse_loop(marginal: Marginal, costs: dict[str, jax.Array],
-                   plate_order: tuple[str, ...]) -> dict[str, jax.Array]:
+def _forward(marginal: Marginal, total: jax.Array, plate_order: tuple[str, ...]) -> jax.Array:
     """The forward algorithm over the loop's steps, from the runs at every pair of values.
 
     The run at pair ``(prev, cur)`` (:class:`StepPair`) gives every step's costs at
     ``(z_{t-1}, z_t) = (prev, cur)``: the ``S^2`` runs give every step's table
-    ``C_t[prev, cur]``. Then
-    ``alpha_0 = C_0[., cur]``, ``alpha_t[cur] = logsumexp_prev(alpha_{t-1}[prev] +
-    C_t[prev, cur])``, and the marginal is ``logsumexp(alpha_{T-1})``: O(T S^2), one
-    ``lax.scan``.
+    ``C_t[prev, cur]``. Then ``alpha_0 = C_0[., cur]``, ``alpha_t[cur] = logsumexp_prev(
+    alpha_{t-1}[prev] + C_t[prev, cur])``, and the marginal is ``logsumexp(alpha_{T-1})``:
+    O(T S^2), one ``lax.scan``. Returns it with a size-1 time axis in the plates' layout.
     """
-    out = {}
-    table, axis = step_tables(marginal, _summed(marginal, costs), plate_order)
+    table, axis = step_tables(marginal, total, plate_order)
 
     def forward(alpha, step_table):
         alpha = jax.nn.logsumexp(alpha[:, :, None] + step_table, axis=1)
         return alpha, None
 
     alpha, _ = jax.lax.scan(forward, table[0, :, 0], table[1:])  # (K, cur, ...)
-    marginal_value = jax.nn.logsumexp(alpha, axis=1)  # (K, *other axes)
-    out[marginal.id] = marginal.scale * jnp.expand_dims(marginal_value, axis - 1)
-    return out
+    return jnp.expand_dims(jax.nn.logsumexp(alpha, axis=1), axis - 1)
 
 
 def step_tables(marginal: Marginal, total: jax.Array, plate_order: tuple[str, ...]
@@ -241,12 +239,3 @@ def step_tables(marginal: Marginal, total: jax.Array, plate_order: tuple[str, ..
     axis = 2 + list(plate_order).index(marginal.loop)  # the time axis, after K and configs
     x = total.reshape((k, s, s, *total.shape[2:]))
     return jnp.moveaxis(x, axis + 1, 0), axis  # (T, K, prev, cur, *other axes)
-
-
-def _collapse(marginal: Marginal, costs: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Replace the costs of ``marginal`` (arrays ``(K, configs, *plates)``) by their
-    per-element log-sum-exp over the configurations (``(K, *plates)``); every other cost is the
-    same in every configuration and keeps the first. With a scale ``s`` (sub-sampling), the
-    sum is ``s * logsumexp(sum_c c / s)``: each element's marginal, weighted like its costs."""
-    # the costs are scaled (a sub-sampled plate): the log of the sum is of the unscaled ones
-    return {marginal.id: marginal.scale * jax.nn.logsumexp(_summed(marginal, costs), axis=1)}

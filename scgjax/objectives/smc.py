@@ -82,8 +82,8 @@ class SMC(Objective):
     would not follow its particle's ancestry: carry it instead); costs after the loop may not
     depend on the loop's latents; with plates around the loop, every leaf of each carry starts
     with those plates' axes (the batch of sequences), so that each sequence resamples its own.
-    The programs see one particle's values after the loop (the final carry and stacked
-    values of a resampled particle set are not one path).
+    After the loop each particle's programs go on with its own final carry; the stacked
+    values they see are the draws of its own steps, which resampling has not made one path.
 
     Example:
         >>> import jax, jax.numpy as jnp, scgjax as sg

@@ -26,8 +26,8 @@ and then evaluates every model on the same test images, binarised once with a fi
 
 * the test ELBO and the test ``L_K`` at the training ``K``, on the whole test set;
 * ``L_5000`` (``--eval-particles``) on the first ``--eval-images`` test images, the paper's
-  estimate of ``log p(x)``. The particles go in chunks (``vmap`` over images and particles,
-  ``lax.map`` over chunks, one jitted function); chunk ``c`` gives the bound ``L^(c)`` of its
+  estimate of ``log p(x)``, by ``sg.log_marginal_likelihood``: the particles go in chunks
+  (``lax.map`` over chunks, one jitted function); chunk ``c`` gives the bound ``L^(c)`` of its
   ``C`` particles per image, and ``log (1/K) sum_k w_k = logsumexp_c (L^(c) + log C) - log K``
   combines them exactly, so memory stays bounded for any ``K``.
 
@@ -148,34 +148,17 @@ def evaluate_bounds(model: Callable, guide: Callable, params: dict, xs: jax.Arra
     ``(N,)`` array: one draw of ``log (1/K) sum_k p(x_n, z_k) / q(z_k | x_n)`` per image.
 
     ``model`` and ``guide`` take a batch ``x`` with a ``"data"`` plate over its first axis;
-    each image is scored alone (``x[None]``, ``vmap`` over images) by
-    ``-sg.IWAE(num_particles=C).loss``, which is that image's ``C``-sample bound. The ``K``
-    particles go in chunks of ``C`` (:func:`particle_chunks`; ``lax.map`` over the chunks,
-    then one call for a remainder chunk), combined exactly:
-    ``L_K = logsumexp_c (L^(c) + log C_c) - log K``. ``K = 1`` is the ELBO's one-sample
-    estimate. Jitted; ``model``, ``guide``, ``num_particles`` and ``max_batch`` are static.
+    :func:`sg.log_marginal_likelihood` gives the bound per element of that plate, each image
+    with its own particles. The ``K`` particles go in chunks of ``C`` (:func:`particle_chunks`:
+    ``C x N`` image-particle pairs at once; ``lax.map`` over the chunks, then one call for a
+    remainder chunk), combined exactly: ``L_K = logsumexp_c (L^(c) + log C_c) - log K``.
+    ``K = 1`` is the ELBO's one-sample estimate. Jitted; ``model``, ``guide``,
+    ``num_particles`` and ``max_batch`` are static.
     """
-    n = xs.shape[0]
-    chunk, full, rest = particle_chunks(num_particles, n, max_batch)
-
-    def chunk_bounds(size: int, key: jax.Array) -> jax.Array:
-        objective = sg.IWAE(num_particles=size)
-
-        def one(key: jax.Array, x: jax.Array) -> jax.Array:
-            return -objective.loss(key, params, model, guide, x[None])
-
-        return jax.vmap(one)(jax.random.split(key, n), xs)
-
-    key_full, key_rest = jax.random.split(rng_key)
-    if full == 1:  # no loop: simpler to compile
-        per_chunk = chunk_bounds(chunk, key_full)[None]
-    else:
-        per_chunk = jax.lax.map(functools.partial(chunk_bounds, chunk),
-                                jax.random.split(key_full, full))  # (full, N)
-    terms = [per_chunk + math.log(chunk)]
-    if rest:
-        terms.append(chunk_bounds(rest, key_rest)[None] + math.log(rest))
-    return jax.nn.logsumexp(jnp.concatenate(terms), axis=0) - math.log(num_particles)
+    chunk, _, _ = particle_chunks(num_particles, xs.shape[0], max_batch)
+    return sg.log_marginal_likelihood(rng_key, params, model, guide, xs,
+                                      num_particles=num_particles, chunk_size=chunk,
+                                      per_element=True)
 
 
 def mean_and_se(values: np.ndarray) -> tuple[float, float]:

@@ -26,7 +26,15 @@ from scgjax.estimators import (
     ScoreFunction,
     StraightThrough,
 )
-from scgjax.infer import SVI, Checkpoints, SVIRunResult, SVIState, infer_discrete
+from scgjax.infer import (
+    SVI,
+    Checkpoints,
+    Predictive,
+    SVIRunResult,
+    SVIState,
+    infer_discrete,
+    log_marginal_likelihood,
+)
 from scgjax.objectives import (
     ELBO,
     IWAE,
@@ -61,6 +69,7 @@ __all__ = [
     "NonFiniteError",
     "Objective",
     "Pathwise",
+    "Predictive",
     "RLOO",
     "RWS",
     "RenyiELBO",
@@ -86,6 +95,7 @@ __all__ = [
     "handlers",
     "infer_discrete",
     "init_params",
+    "log_marginal_likelihood",
     "module",
     "param",
     "param_labels",

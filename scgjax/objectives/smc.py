@@ -16,8 +16,9 @@ and the last one, of the mean accumulated weight,
 an unbiased estimate of ``p(x)``, so ``E[log Z_hat] <= log p(x)`` (Jensen): the SMC bound of
 auto-encoding SMC (Le et al., ICLR 2018), FIVO (Maddison et al., NeurIPS 2017) and variational
 SMC (Naesseth et al., AISTATS 2018). Without resampling (``resample=None``, or ``T = 1``) it is
-the IWAE bound. Its gap does not grow with ``T`` the way IWAE's does: resampling keeps the
-particles where the weight is.
+the IWAE bound. Its gap grows with ``T`` far more slowly than IWAE's: resampling keeps the
+particles where the weight is (``examples/smc_state_space.py``: at ``K = 32`` and ``T = 300``
+a gap of 1.8 nats against IWAE's 19.8).
 """
 
 from __future__ import annotations

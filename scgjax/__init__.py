@@ -47,6 +47,7 @@ from scgjax.objectives import (
     WakeSleep,
     graph,
 )
+from scgjax.parallel import device_mesh, replicate, shard_data, shard_particles
 from scgjax.params import constrain_params, init_params, param_labels
 from scgjax.primitives import deterministic, factor, module, param, plate, sample
 from scgjax.scg import SCG
@@ -88,6 +89,7 @@ __all__ = [
     "baselines",
     "constrain_params",
     "deterministic",
+    "device_mesh",
     "diagnostics",
     "dist",
     "factor",
@@ -100,6 +102,9 @@ __all__ = [
     "param",
     "param_labels",
     "plate",
+    "replicate",
     "sample",
     "scan",
+    "shard_data",
+    "shard_particles",
 ]

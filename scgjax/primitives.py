@@ -292,6 +292,8 @@ def _concrete(x: Any) -> np.ndarray | None:
     if isinstance(x, jax.core.Tracer) or any(
             isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x)):
         return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None  # spread over processes: no process sees it whole (checked in the step)
     try:
         return np.asarray(x)
     except (TypeError, ValueError):

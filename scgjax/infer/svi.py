@@ -20,6 +20,7 @@ from scgjax.errors import NonFiniteError, SiteError
 from scgjax.infer.checkpoint import Checkpoints
 from scgjax.objectives import Objective, program
 from scgjax.objectives.program import SINGLE, site_log_prob
+from scgjax.parallel import replicate_for
 from scgjax.params import (
     _first_nonfinite,
     _param_messages,
@@ -139,7 +140,7 @@ class SVI:
         state = self._init(key, args, kwargs, init_params_)
         if not self.objective.init_state_checks_data:  # else init_state's run checked them
             self._check_data(state.params, args, kwargs)
-        return state
+        return replicate_for(state, args, kwargs)  # on the mesh of sharded data, if any
 
     def _check_data(self, params: dict, args: tuple, kwargs: dict) -> None:
         """Run the program(s) once, un-jitted, on the concrete arguments, so that every
@@ -399,6 +400,7 @@ class SVI:
                     source(j)
             if start and source is not None and start < num_steps:
                 args = source(start)
+        state = replicate_for(state, args, kwargs)  # on the mesh of sharded data, if any
         own_bar = isinstance(progress_bar, (bool, np.bool_))
         bar = _progress(num_steps, bool(progress_bar)) if own_bar else progress_bar
         shown = start  # steps shown on the bar
@@ -614,7 +616,10 @@ def _first_nonfinite_argument(args: tuple, kwargs: dict) -> tuple[str, str] | No
                 continue
         elif not isinstance(leaf, float):
             continue
-        a = np.asarray(leaf)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # multi-host:
+            a = np.stack([np.asarray(s.data) for s in leaf.addressable_shards])  # our rows
+        else:
+            a = np.asarray(leaf)
         if np.isfinite(a).all():
             continue
         text = _first_nonfinite(a)

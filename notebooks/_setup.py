@@ -59,7 +59,23 @@ def import_code(*names: str) -> ModuleType | list[ModuleType]:
     backend = plt.get_backend()
     modules = [importlib.import_module(name) for name in names]
     plt.switch_backend(backend)
+    _restore_inline_output(backend)
     return modules[0] if len(modules) == 1 else modules
+
+
+def _restore_inline_output(backend: str) -> None:
+    """Under IPython's inline backend, register its figure output again (switching to Agg
+    unregistered it, and the plots would not show in Jupyter)."""
+    if "inline" not in backend:
+        return
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import configure_inline_support
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        configure_inline_support(shell, backend)
 
 
 def show_source(obj: object) -> None:

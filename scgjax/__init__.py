@@ -14,6 +14,8 @@ from scgjax.errors import NonFiniteError, ScgjaxError, SiteError
 from scgjax.estimators import (
     ARM,
     DCV,
+    REBAR,
+    RELAX,
     RLOO,
     STL,
     VIMCO,
@@ -71,6 +73,8 @@ __all__ = [
     "Objective",
     "Pathwise",
     "Predictive",
+    "REBAR",
+    "RELAX",
     "RLOO",
     "RWS",
     "RenyiELBO",

@@ -12,6 +12,7 @@ from scgjax.estimators.disarm import ARM, DisARM
 from scgjax.estimators.dreg import DReG
 from scgjax.estimators.enumerate import Enumerate
 from scgjax.estimators.pathwise import Pathwise
+from scgjax.estimators.relax import REBAR, RELAX
 from scgjax.estimators.relaxation import GumbelSoftmax, StraightThrough
 from scgjax.estimators.rloo import RLOO
 from scgjax.estimators.score_function import ScoreFunction
@@ -20,7 +21,8 @@ from scgjax.estimators.vimco import VIMCO
 
 __all__ = [
     "ARM", "DCV", "DReG", "Detached", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax",
-    "Pathwise", "RLOO", "STL", "ScoreContext", "ScoreFunction", "StraightThrough", "VIMCO",
+    "Pathwise", "REBAR", "RELAX", "RLOO", "STL", "ScoreContext", "ScoreFunction",
+    "StraightThrough", "VIMCO",
     "default_estimator",
     "magic_box",
 ]

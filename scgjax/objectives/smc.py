@@ -359,11 +359,11 @@ def _smc_loop(smc: SMC, loop: str, score_sites: tuple[str, ...], guide_loop: tup
     shape = _outer_shape(outer)
     k = smc.num_particles
     particles = _Particles(k)
-    keys = jax.random.split(resample_key, length)
+    uniforms = _uniforms(smc, resample_key, length, shape)  # drawn before the loop
 
     def step(carry, inputs):
         cg, cm, log_w = carry
-        in_g, in_m, key, t = inputs
+        in_g, in_m, u, t = inputs
         cg, out_g = body_g(cg, in_g)
         latent = [n for n, m in sites_g.items() if m["type"] == "sample" and not m["is_observed"]]
         current["values"] = {n: out_g[1][n]["value"] for n in latent}
@@ -375,7 +375,7 @@ def _smc_loop(smc: SMC, loop: str, score_sites: tuple[str, ...], guide_loop: tup
         log_w = log_w + log_p - sum(log_q.values())
         score_log_q = sum((log_q[n] for n in score_sites), jnp.zeros(shape))
         delta, ancestor, ancestor_log_prob, resampled, log_w = _resample(
-            smc, particles, log_w, key, t == length - 1)
+            smc, particles, log_w, u, t == length - 1)
         cg = _follow(cg, ancestor, particles, shape, loop)
         cm = _follow(cm, ancestor, particles, shape, loop)
         per_step = {"delta": delta, "score_log_q": score_log_q,
@@ -384,7 +384,7 @@ def _smc_loop(smc: SMC, loop: str, score_sites: tuple[str, ...], guide_loop: tup
 
     init = (init_g, init_m, jnp.zeros(shape))
     (final_g, final_m, _), (outputs_g, outputs_m, per_step) = jax.lax.scan(
-        step, init, ((steps_g, xs_g), (steps_m, xs_m), keys, jnp.arange(length)))
+        step, init, ((steps_g, xs_g), (steps_m, xs_m), uniforms, jnp.arange(length)))
     return final_m, final_g, outputs_m, outputs_g, per_step
 
 
@@ -428,7 +428,16 @@ class _Particles:
         return jnp.zeros((), jnp.int32) if self.k == 1 else jax.lax.axis_index(PARTICLE_AXIS)
 
 
-def _resample(smc: SMC, particles: _Particles, log_w: jax.Array, key: jax.Array,
+def _uniforms(smc: SMC, key: jax.Array, length: int, shape: tuple[int, ...]) -> jax.Array:
+    """The resampling's uniforms of every step, drawn at once before the loop (a hash per step
+    inside the loop costs about as much as a small step on CPU): per step one per element of
+    the outer plates (systematic) or ``K`` (multinomial)."""
+    elements = math.prod(shape)
+    per_step = (elements,) if smc.resample != "multinomial" else (smc.num_particles, elements)
+    return jax.random.uniform(key, (length, *per_step))
+
+
+def _resample(smc: SMC, particles: _Particles, log_w: jax.Array, u: jax.Array,
               last: jax.Array) -> tuple[jax.Array, ...]:
     """``(delta log Z, ancestor, its log-probability, resampled, new log-weight)`` of this
     particle, per element of the outer plates."""
@@ -443,7 +452,7 @@ def _resample(smc: SMC, particles: _Particles, log_w: jax.Array, key: jax.Array,
     ess = jnp.exp(2.0 * total - jax.nn.logsumexp(2.0 * every, axis=0))
     do = jax.lax.stop_gradient(ess < smc.ess_threshold * k) & ~last
     log_norm = every - total
-    drawn = _ancestors(smc.resample, key, jax.lax.stop_gradient(log_norm))  # (K, *outer)
+    drawn = _ancestors(u, jax.lax.stop_gradient(log_norm))  # (K, *outer)
     ancestor = jnp.where(do, jnp.take(drawn, me, axis=0), mine)
     chosen = jnp.take_along_axis(log_norm, ancestor[None], axis=0)[0]
     ancestor_log_prob = jnp.where(do, chosen, 0.0)
@@ -451,17 +460,17 @@ def _resample(smc: SMC, particles: _Particles, log_w: jax.Array, key: jax.Array,
     return delta, ancestor, ancestor_log_prob, do, jnp.where(do, 0.0, log_w)
 
 
-def _ancestors(kind: str, key: jax.Array, log_norm: jax.Array) -> jax.Array:
-    """``K`` ancestor indices per element, drawn from the normalised weights
-    (``log_norm``, ``(K, *outer)``)."""
+def _ancestors(u: jax.Array, log_norm: jax.Array) -> jax.Array:
+    """``K`` ancestor indices per element, drawn from the normalised weights (``log_norm``,
+    ``(K, *outer)``) by inverting their cumulative sum at the uniforms ``u``: one per element,
+    at ``(k + u) / K`` for ``k = 0..K-1`` (systematic), or ``K`` per element (multinomial,
+    ``(K, elements)``). O(K log K) per element."""
     k = log_norm.shape[0]
-    if kind == "multinomial":
-        return jax.random.categorical(key, log_norm, axis=0, shape=log_norm.shape)
     flat = log_norm.reshape((k, -1))
-    u = jax.random.uniform(key, (flat.shape[1],))
     cum = jnp.cumsum(jnp.exp(flat), axis=0)
-    positions = (jnp.arange(k)[:, None] + u[None]) / k
-    found = jax.vmap(lambda c, p: jnp.searchsorted(c, p), in_axes=1, out_axes=1)(cum, positions)
+    positions = (jnp.arange(k)[:, None] + u[None]) / k if u.ndim == 1 else u
+    found = jax.vmap(lambda c, p: jnp.searchsorted(c, p), in_axes=1, out_axes=1)(
+        cum, positions * cum[-1:])
     return jnp.minimum(found, k - 1).reshape(log_norm.shape)
 
 

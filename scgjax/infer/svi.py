@@ -447,6 +447,8 @@ class SVI:
         finally:  # an error (batches that run out, a non-finite loss) closes it too
             if bar is not None and own_bar:
                 bar.close()
+            if saves is not None and saves is not checkpoint:  # made here from a path
+                saves.close()
         metric_arrays = history.result(num_steps)
         losses = np.empty(num_steps, dtype=np.float32)
         losses[:] = metric_arrays.get("loss", losses)

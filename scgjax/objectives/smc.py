@@ -383,6 +383,8 @@ def _smc_loop(smc: SMC, loop: str, score_sites: tuple[str, ...], guide_loop: tup
         return (cg, cm, log_w), (out_g, out_m, per_step)
 
     init = (init_g, init_m, jnp.zeros(shape))
+    # (a plain lax.scan: hoisting the steps' input-only work out of this loop, as sg.scan does,
+    # measured 1.9x slower here, K = 256, T = 1,000)
     (final_g, final_m, _), (outputs_g, outputs_m, per_step) = jax.lax.scan(
         step, init, ((steps_g, xs_g), (steps_m, xs_m), uniforms, jnp.arange(length)))
     return final_m, final_g, outputs_m, outputs_g, per_step

@@ -310,7 +310,7 @@ def _hoisted(f: Callable, init: Any, xs: Any, length: int, reverse: bool) -> tup
                        xs)
     init = jax.tree.map(jnp.asarray, init)
     closed, out_shape = jax.make_jaxpr(f, return_shape=True)(init, one)
-    carry, carry_tree = jax.tree.flatten(init)
+    carry = jax.tree.leaves(init)
     inputs = jax.tree.leaves(xs)
     effects = [e for e in closed.effects if type(e).__name__ != "NamedAxisEffect"]
     if not inputs or effects or _marks_sources(closed.jaxpr):

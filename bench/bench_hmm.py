@@ -91,7 +91,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,15 @@ import numpyro
 import numpyro.distributions as nd
 import optax
 from _machine import machine_info
-from jax.extend.core import jaxprs_in_params
+from _timing import (
+    Impl,
+    call_round,
+    first_call,
+    paired,
+    per_repeat,
+    primitive_counts,
+    time_interleaved,
+)
 from numpyro.contrib.control_flow import scan as np_scan
 
 import scgjax as sg
@@ -443,45 +450,6 @@ def diag_functions(states: int) -> dict[str, Callable]:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Impl:
-    """One version under test at one setting: its step, its state and its timings."""
-
-    name: str
-    step: Step
-    state: Any
-    first_calls: list[float] = field(default_factory=list)  # wall s
-    first_calls_cpu: list[float] = field(default_factory=list)  # process CPU s
-    init_s: list[float] = field(default_factory=list)  # building (svi.init) s
-    first_loss: float | None = None
-    times: list[float] = field(default_factory=list)
-    error: str | None = None
-
-
-def first_call(impl: Impl, ys: jax.Array) -> None:
-    """Run the first (tracing + compiling) call; record its wall and process CPU time and
-    the loss it returns (at the initial params)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    impl.state, loss = impl.step(impl.state, ys)
-    jax.block_until_ready((impl.state, loss))
-    impl.first_calls.append(time.perf_counter() - t0)
-    impl.first_calls_cpu.append(time.process_time() - c0)
-    impl.first_loss = float(loss)
-
-
-def run_round(impl: Impl, ys: jax.Array, steps: int, record: bool = True) -> float:
-    """``steps`` steps back to back; record (and return) the mean per-step wall time."""
-    state = impl.state
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, loss = impl.step(state, ys)
-    jax.block_until_ready((state, loss))
-    per_step = (time.perf_counter() - t0) / steps
-    if record:
-        impl.times.append(per_step)
-    impl.state = state
-    return per_step
-
 
 def settings_of(states: list[int], horizons: list[int]) -> list[tuple[int, int]]:
     return [(s, t) for s in states for t in horizons]
@@ -550,29 +518,6 @@ def compile_all(settings: list[tuple[int, int]], loop_horizons: list[int], loop_
     return impls, loop_stopped
 
 
-def time_setting(impls: dict[str, Impl], ys: jax.Array, rounds: int, round_s: float,
-                 max_steps: int) -> int:
-    """Interleaved round-robin rounds (the order rotates every round) after one warm-up
-    round; the steps per round are set so that a round of the slowest version takes about
-    ``round_s``. Returns the steps per round."""
-    order = [impls[n] for n in NAMES if n in impls and not impls[n].error]
-    slowest = max(min(run_round(impl, ys, 2, record=False) for _ in range(3)) for impl in order)
-    steps = int(min(max_steps, max(2, round(round_s / slowest))))
-    for impl in order:
-        run_round(impl, ys, steps, record=False)
-    for r in range(rounds):
-        for i in range(len(order)):
-            run_round(order[(i + r) % len(order)], ys, steps)
-    return steps
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Median and quartiles of the ratios ``a / b`` of measurements taken next to each
-    other."""
-    r = np.asarray(a) / np.asarray(b)
-    q1, q2, q3 = np.percentile(r, [25, 50, 75])
-    return float(q2), float(q1), float(q3)
-
 
 def summarise(states: int, horizon: int, impls: dict[str, Impl], rounds: int, steps: int,
               exact: float, exact64: float, rtol: float) -> dict:
@@ -636,24 +581,6 @@ def gradient_check(states_list: list[int], horizon: int) -> list[dict]:
     return out
 
 
-def primitive_counts(jaxpr: Any, counts: dict[str, int] | None = None) -> dict[str, int]:
-    """How often each primitive occurs in ``jaxpr`` and (once per call) in its sub-jaxprs."""
-    counts = {} if counts is None else counts
-    for eqn in jaxpr.eqns:
-        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-        for sub in jaxprs_in_params(eqn.params):
-            primitive_counts(sub, counts)
-    return counts
-
-
-def call_round(fn: Callable, params: dict, ys: jax.Array, steps: int) -> float:
-    """``steps`` calls back to back; the mean wall time per call."""
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        v = fn(params, ys)
-    jax.block_until_ready(v)
-    return (time.perf_counter() - t0) / steps
-
 
 def diagnostics(states_list: list[int], horizons: list[int], rounds: int, round_s: float
                 ) -> list[dict]:
@@ -682,15 +609,15 @@ def diagnostics(states_list: list[int], horizons: list[int], rounds: int, round_
                              "kflop": cost.get("flops", 0.0) / 1e3,
                              "kbytes": cost.get("bytes accessed", 0.0) / 1e3}
             names = list(fns)
-            slowest = max(min(call_round(fns[n], params, ys, 2) for _ in range(3))
+            slowest = max(min(call_round(fns[n], (params, ys), 2) for _ in range(3))
                           for n in names)
             steps = int(min(200, max(2, round(round_s / slowest))))
             for n in names:
-                call_round(fns[n], params, ys, steps)
+                call_round(fns[n], (params, ys), steps)
             for r in range(rounds):
                 for i in range(len(names)):
                     n = names[(i + r) % len(names)]
-                    res[n]["times"].append(call_round(fns[n], params, ys, steps))
+                    res[n]["times"].append(call_round(fns[n], (params, ys), steps))
             for n in names:
                 res[n]["call_s"] = statistics.median(res[n]["times"])
                 res[n]["vs_scgjax paired"] = paired(res[n]["times"], res["scgjax"]["times"])
@@ -782,14 +709,6 @@ def compile_table(rows: list[dict]) -> str:
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
-
-def per_repeat(c: dict, f: dict) -> tuple[float, float, float]:
-    """Median [IQR] of the ratios of two versions' compile times within each repeat."""
-    n = min(len(c["first_calls_s"]), len(f["first_calls_s"]))
-    r = [(a - c["step_s"]) / (b - f["step_s"])
-         for a, b in zip(c["first_calls_s"][:n], f["first_calls_s"][:n], strict=True)]
-    q1, q2, q3 = np.percentile(r, [25, 50, 75])
-    return float(q2), float(q1), float(q3)
 
 
 def gradient_table(results: list[dict]) -> str:
@@ -918,7 +837,8 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             ys = data[states, horizon]
             impls = builds[states, horizon]
-            steps = time_setting(impls, ys, args.rounds, args.round_seconds, args.max_steps)
+            steps = time_interleaved(impls, NAMES, ys, args.rounds, args.round_seconds,
+                                     args.max_steps)
             exact = float(jax.jit(hand_loss)(init_params(states), ys))
             rows.append(summarise(states, horizon, impls, args.rounds, steps, exact,
                                   exact_float64(init_params(states), ys), args.rtol))

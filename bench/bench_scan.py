@@ -66,7 +66,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,7 @@ import numpyro
 import numpyro.distributions as nd
 import optax
 from _machine import machine_info
-from jax.extend.core import jaxprs_in_params
+from _timing import Impl, first_call, paired, primitive_counts, run_round
 from numpyro.contrib.control_flow import scan as np_scan
 
 import scgjax as sg
@@ -304,38 +303,6 @@ BUILDERS: dict[str, Callable[[jax.Array, int], tuple[Step, Any]]] = {
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Impl:
-    """One version under test at one horizon: its step, its state and its timings."""
-
-    name: str
-    step: Step
-    state: Any
-    first_calls: list[float] = field(default_factory=list)  # wall s
-    first_calls_cpu: list[float] = field(default_factory=list)  # process CPU s
-    times: list[float] = field(default_factory=list)
-
-
-def first_call(impl: Impl, xs: jax.Array) -> None:
-    """Run the first (tracing + compiling) call; record its wall and process CPU time."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    impl.state, loss = impl.step(impl.state, xs)
-    jax.block_until_ready((impl.state, loss))
-    impl.first_calls.append(time.perf_counter() - t0)
-    impl.first_calls_cpu.append(time.process_time() - c0)
-
-
-def run_round(impl: Impl, xs: jax.Array, steps: int, record: bool = True) -> None:
-    """``steps`` steps back to back; record the mean per-step wall time."""
-    state = impl.state
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, loss = impl.step(state, xs)
-    jax.block_until_ready((state, loss))
-    if record:
-        impl.times.append((time.perf_counter() - t0) / steps)
-    impl.state = state
-
 
 def compile_all(horizons: list[int], loop_horizons: list[int], loop_limit: float,
                 batch: int, repeats: int, slow: float) -> dict[int, dict[str, Impl]]:
@@ -388,15 +355,6 @@ def plan(horizon: int, steps: int) -> int:
     least 2), so that a round of every version takes about the same time."""
     return max(2, min(steps, round(steps * 100 / horizon)))
 
-
-def primitive_counts(jaxpr: Any, counts: dict[str, int] | None = None) -> dict[str, int]:
-    """How often each primitive occurs in ``jaxpr`` and (once per call) in its sub-jaxprs."""
-    counts = {} if counts is None else counts
-    for eqn in jaxpr.eqns:
-        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-        for sub in jaxprs_in_params(eqn.params):
-            primitive_counts(sub, counts)
-    return counts
 
 
 def program_structure(horizon: int, batch: int) -> str:
@@ -516,13 +474,6 @@ def bias_table(samples: dict[str, np.ndarray], exact: np.ndarray, step_credit: n
 # Report
 # --------------------------------------------------------------------------------------------
 
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Median and quartiles of the ratios ``a / b`` of measurements taken next to each
-    other."""
-    r = np.asarray(a) / np.asarray(b)
-    q1, q2, q3 = np.percentile(r, [25, 50, 75])
-    return float(q2), float(q1), float(q3)
 
 
 def summarise(horizon: int, impls: dict[str, Impl], rounds: int, steps: int) -> dict:

@@ -98,7 +98,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +106,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import machine_info
-from jax.extend.core import jaxprs_in_params
+from _timing import (
+    Impl,
+    call_round,
+    first_call,
+    paired,
+    per_repeat,
+    primitive_counts,
+    time_interleaved,
+)
 
 import scgjax as sg
 from scgjax import dist
@@ -345,43 +352,6 @@ def build(name: str, k: int, threshold: float, ys: jax.Array) -> tuple[Step, Any
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Impl:
-    """One version under test at one setting: its step, its state and its timings."""
-
-    name: str
-    step: Step
-    state: Any
-    first_calls: list[float] = field(default_factory=list)  # wall s
-    first_calls_cpu: list[float] = field(default_factory=list)  # process CPU s
-    init_s: list[float] = field(default_factory=list)  # building (svi.init) s
-    times: list[float] = field(default_factory=list)
-    last_loss: float = float("nan")
-
-
-def first_call(impl: Impl, ys: jax.Array) -> None:
-    """Run the first (tracing + compiling) call; record its wall and process CPU time."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    impl.state, loss = impl.step(impl.state, ys)
-    jax.block_until_ready((impl.state, loss))
-    impl.first_calls.append(time.perf_counter() - t0)
-    impl.first_calls_cpu.append(time.process_time() - c0)
-
-
-def run_round(impl: Impl, ys: jax.Array, steps: int, record: bool = True) -> float:
-    """``steps`` steps back to back; record (and return) the mean per-step wall time."""
-    state = impl.state
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, loss = impl.step(state, ys)
-    jax.block_until_ready((state, loss))
-    per_step = (time.perf_counter() - t0) / steps
-    if record:
-        impl.times.append(per_step)
-    impl.state = state
-    impl.last_loss = float(loss)
-    return per_step
-
 
 Setting = tuple[int, int, float]  # (K, T, threshold)
 
@@ -420,29 +390,6 @@ def compile_all(settings: list[Setting], thresholds: list[float], repeats: int, 
                       f"{impl.first_calls[-1]:.2f} s", file=sys.stderr, flush=True)
     return impls
 
-
-def time_setting(impls: dict[str, Impl], ys: jax.Array, rounds: int, round_s: float,
-                 max_steps: int) -> int:
-    """Interleaved round-robin rounds (the order rotates every round) after one warm-up
-    round; the steps per round are set so that a round of the slowest version takes about
-    ``round_s``. Returns the steps per round."""
-    order = [impls[n] for n in NAMES if n in impls]
-    slowest = max(min(run_round(impl, ys, 2, record=False) for _ in range(3)) for impl in order)
-    steps = int(min(max_steps, max(2, round(round_s / slowest))))
-    for impl in order:
-        run_round(impl, ys, steps, record=False)
-    for r in range(rounds):
-        for i in range(len(order)):
-            run_round(order[(i + r) % len(order)], ys, steps)
-    return steps
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Median and quartiles of the ratios ``a / b`` of measurements taken next to each
-    other."""
-    r = np.asarray(a) / np.asarray(b)
-    q1, q2, q3 = np.percentile(r, [25, 50, 75])
-    return float(q2), float(q1), float(q3)
 
 
 def summarise(setting: Setting, impls: dict[str, Impl], rounds: int, steps: int) -> dict:
@@ -556,15 +503,6 @@ def expected_bound_check(k: int, horizon: int, keys: int, chunk: int = 250) -> l
 # --------------------------------------------------------------------------------------------
 
 
-def primitive_counts(jaxpr: Any, counts: dict[str, int] | None = None) -> dict[str, int]:
-    """How often each primitive occurs in ``jaxpr`` and (once per call) in its sub-jaxprs."""
-    counts = {} if counts is None else counts
-    for eqn in jaxpr.eqns:
-        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-        for sub in jaxprs_in_params(eqn.params):
-            primitive_counts(sub, counts)
-    return counts
-
 
 SHAPE = re.compile(r"\b(?:f32|s32|u32|pred|f64|s64|u8|bf16)\[([0-9,]+)\]")
 
@@ -595,14 +533,6 @@ def diag_functions(k: int, threshold: float) -> dict[str, Callable]:
         "scgjax_multi": lambda p, key, ys: multi.loss(key, p, model, guide, ys),
     }
 
-
-def call_round(fn: Callable, args: tuple, steps: int) -> float:
-    """``steps`` calls back to back; the mean wall time per call."""
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        v = fn(*args)
-    jax.block_until_ready(v)
-    return (time.perf_counter() - t0) / steps
 
 
 def diagnostics(settings: list[tuple[int, int]], threshold: float, rounds: int, round_s: float
@@ -688,14 +618,6 @@ def step_table(rows: list[dict]) -> str:
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
-
-def per_repeat(c: dict, f: dict) -> tuple[float, float, float]:
-    """Median [IQR] of the ratios of two builds' compile times within each repeat."""
-    n = min(len(c["first_calls_s"]), len(f["first_calls_s"]))
-    r = [(a - c["step_s"]) / (b - f["step_s"])
-         for a, b in zip(c["first_calls_s"][:n], f["first_calls_s"][:n], strict=True)]
-    q1, q2, q3 = np.percentile(r, [25, 50, 75])
-    return float(q2), float(q1), float(q3)
 
 
 def compile_ratios(rows: list[dict]) -> dict[tuple[int, float], dict]:
@@ -899,8 +821,8 @@ def main(argv: list[str] | None = None) -> dict:
         for setting in settings:
             t0 = time.perf_counter()
             ys = data[setting[1]]
-            steps = time_setting(builds[setting], ys, args.rounds, args.round_seconds,
-                                 args.max_steps)
+            steps = time_interleaved(builds[setting], NAMES, ys, args.rounds, args.round_seconds,
+                                     args.max_steps)
             rows.append(summarise(setting, builds[setting], args.rounds, steps))
             print(f"  K={setting[0]} T={setting[1]} thr={setting[2]} timed in "
                   f"{time.perf_counter() - t0:.1f} s: scgjax/hand "

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as nd
 
+from scgjax.errors import SiteError
+
 WRAPPERS = (nd.Independent, nd.ExpandedDistribution, nd.MaskedDistribution)
 BERNOULLI = (nd.BernoulliLogits, nd.BernoulliProbs)
 
@@ -53,3 +55,14 @@ def logits_and_keep(msg: dict) -> dict[str, jax.Array]:
                            + (1,) * len(msg["fn"].event_shape))
         keep = jnp.logical_and(keep, site)
     return {"logits": jnp.broadcast_to(logits, shape), "keep": keep}
+
+
+def require_bernoulli(estimator: Any, name: str, fn: Any) -> None:
+    """A :class:`~scgjax.errors.SiteError` naming site ``name`` unless ``fn`` is a Bernoulli
+    distribution (what :func:`bernoulli_parts` reads), for estimators defined for one."""
+    if bernoulli_parts(fn) is None:
+        kind = type(estimator).__name__
+        raise SiteError(name, f"uses {kind}, but its distribution is {type(fn).__name__}; "
+                        f"{kind} needs a Bernoulli site (dist.Bernoulli(logits=...) or "
+                        "probs=..., possibly with .to_event / .expand / .mask); for a "
+                        "Categorical use sg.RLOO() or sg.ScoreFunction()")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator, ScoreContext, require_particles, zero_value
-from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep
+from scgjax.estimators.bernoulli import logits_and_keep, require_bernoulli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +83,7 @@ class DCV(Estimator):
         return True
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
-        if bernoulli_parts(fn) is None:
-            raise SiteError(
-                name,
-                f"uses DCV, but its distribution is {type(fn).__name__}; DCV needs a Bernoulli "
-                "site (dist.Bernoulli(logits=...) or probs=..., possibly with .to_event / "
-                ".expand / .mask)",
-            )
+        require_bernoulli(self, name, fn)
         require_particles(self, name, num_particles, 2)
 
     def sample(self, rng_key: jax.Array, fn: Any) -> jax.Array:

@@ -30,7 +30,7 @@ from scgjax.estimators.base import (
     require_particles,
     zero_value,
 )
-from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep
+from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep, require_bernoulli
 
 __all__ = ["ARM", "DisARM"]
 
@@ -86,12 +86,7 @@ class _Antithetic(Estimator):
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
         kind = type(self).__name__
-        if bernoulli_parts(fn) is None:
-            raise SiteError(
-                name,
-                f"uses {kind}, which needs a Bernoulli distribution (logits or probs, possibly "
-                f"wrapped by .to_event/.expand/.mask), not {type(fn).__name__}",
-            )
+        require_bernoulli(self, name, fn)
         require_particles(self, name, num_particles, 2)
         if num_particles % 2:
             raise SiteError(

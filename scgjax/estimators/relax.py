@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from scgjax.baselines import site_to_signal_layout
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator, ScoreContext, require_particles, zero_value
-from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep
+from scgjax.estimators.bernoulli import logits_and_keep, require_bernoulli
 
 __all__ = ["REBAR", "RELAX", "conditional_logistic"]
 
@@ -73,15 +73,7 @@ class _Relaxed(Estimator):
         return True
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
-        kind = type(self).__name__
-        if bernoulli_parts(fn) is None:
-            raise SiteError(
-                name,
-                f"uses {kind}, but its distribution is {type(fn).__name__}; {kind} supports "
-                "Bernoulli sites only (dist.Bernoulli(logits=...) or probs=..., possibly with "
-                ".to_event / .expand / .mask); for a Categorical use sg.RLOO() or "
-                "sg.ScoreFunction()",
-            )
+        require_bernoulli(self, name, fn)
         require_particles(self, name, num_particles, self._min_particles)
 
     def bound_refusal(self) -> str:

@@ -45,7 +45,7 @@ from scgjax.dist import StackedSteps
 from scgjax.errors import SiteError
 from scgjax.primitives import CondIndepFrame, Message, Messenger
 
-__all__ = ["ScanStep", "Transition", "hoisted_scan", "scan"]
+__all__ = ["ScanStep", "Transition", "hoisted_scan", "scan", "split_step"]
 
 #: what a handler may ask of a loop, in the ``kwargs`` of its ``"scan"`` message: the loop's
 #: PRNG key (``seed``); a :class:`Transition`; a function of each sample site's step message
@@ -304,6 +304,19 @@ def hoisted_scan(f: Callable, init: Any, xs: Any, length: int, reverse: bool = F
 
 
 def _hoisted(f: Callable, init: Any, xs: Any, length: int, reverse: bool) -> tuple[Any, Any]:
+    residuals, step = split_step(f, init, xs)
+    return jax.lax.scan(step, jax.tree.map(jnp.asarray, init), residuals, length=length,
+                        reverse=reverse)
+
+
+def split_step(f: Callable, init: Any, xs: Any) -> tuple[list, Callable]:
+    """``f(carry, x)`` split by data dependence into the work of every step that depends on
+    its ``x`` only, done now for all steps at once (one ``vmap`` over the leading axis of
+    ``xs``), and the rest: returns ``(residuals, step)`` with ``step(carry, r) == f(carry, x)``
+    for ``r`` the residuals' slice of the step. A ``ValueError`` where there is nothing to
+    split off (no inputs, effects, a program traced for its graph, no input-only work); any
+    other exception where partial evaluation does not apply. :func:`hoisted_scan` is
+    ``lax.scan`` of ``step`` over the residuals."""
     from jax._src.interpreters import partial_eval as pe  # the split of a jaxpr
 
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)),
@@ -323,14 +336,15 @@ def _hoisted(f: Callable, init: Any, xs: Any, length: int, reverse: bool) -> tup
         raise ValueError("nothing to hoist")
     hoisted = jax.vmap(jex_core.jaxpr_as_fun(known))(*inputs)[-len(residuals):]
     n = len(carry)
+    carry_tree, ys_tree = jax.tree.structure(out_shape[0]), jax.tree.structure(out_shape[1])
+    dtypes = [jnp.result_type(c) for c in carry]
 
     def step(c, r):
-        out = jex_core.jaxpr_as_fun(unknown)(*r, *c)
-        return [o.astype(i.dtype) for o, i in zip(out[:n], c, strict=True)], list(out[n:])
+        out = jex_core.jaxpr_as_fun(unknown)(*r, *jax.tree.leaves(c))
+        new = [o.astype(d) for o, d in zip(out[:n], dtypes, strict=True)]
+        return jax.tree.unflatten(carry_tree, new), jax.tree.unflatten(ys_tree, list(out[n:]))
 
-    final, ys = jax.lax.scan(step, carry, list(hoisted), length=length, reverse=reverse)
-    carry_out, ys_tree = jax.tree.structure(out_shape[0]), jax.tree.structure(out_shape[1])
-    return jax.tree.unflatten(carry_out, final), jax.tree.unflatten(ys_tree, ys)
+    return list(hoisted), step
 
 
 def _marks_sources(jaxpr: Any) -> bool:

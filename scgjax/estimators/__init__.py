@@ -15,13 +15,14 @@ from scgjax.estimators.pathwise import Pathwise
 from scgjax.estimators.relax import REBAR, RELAX
 from scgjax.estimators.relaxation import GumbelSoftmax, StraightThrough
 from scgjax.estimators.rloo import RLOO
+from scgjax.estimators.rodeo import RODEO
 from scgjax.estimators.score_function import ScoreFunction
 from scgjax.estimators.stl import STL
 from scgjax.estimators.vimco import VIMCO
 
 __all__ = [
     "ARM", "DCV", "DReG", "Detached", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax",
-    "Pathwise", "REBAR", "RELAX", "RLOO", "STL", "ScoreContext", "ScoreFunction",
+    "Pathwise", "REBAR", "RELAX", "RLOO", "RODEO", "STL", "ScoreContext", "ScoreFunction",
     "StraightThrough", "VIMCO",
     "default_estimator",
     "magic_box",

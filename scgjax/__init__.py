@@ -28,6 +28,8 @@ from scgjax.estimators import (
     Pathwise,
     ScoreFunction,
     StraightThrough,
+    SumAndSample,
+    UnorderedSet,
 )
 from scgjax.infer import (
     SVI,
@@ -90,6 +92,8 @@ __all__ = [
     "ScoreFunction",
     "SiteError",
     "StraightThrough",
+    "SumAndSample",
+    "UnorderedSet",
     "VIMCO",
     "WakeSleep",
     "baselines",

@@ -18,12 +18,13 @@ from scgjax.estimators.rloo import RLOO
 from scgjax.estimators.rodeo import RODEO
 from scgjax.estimators.score_function import ScoreFunction
 from scgjax.estimators.stl import STL
+from scgjax.estimators.unordered_set import SumAndSample, UnorderedSet
 from scgjax.estimators.vimco import VIMCO
 
 __all__ = [
     "ARM", "DCV", "DReG", "Detached", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax",
     "Pathwise", "REBAR", "RELAX", "RLOO", "RODEO", "STL", "ScoreContext", "ScoreFunction",
-    "StraightThrough", "VIMCO",
+    "StraightThrough", "SumAndSample", "UnorderedSet", "VIMCO",
     "default_estimator",
     "magic_box",
 ]

@@ -112,6 +112,14 @@ class Estimator:
             distribution parameters (its value keeps its path), as in STL and DReG.
         needs_bound: only a multi-sample bound (``sg.IWAE``) can use the site's estimator;
             other objectives refuse it, naming the site.
+        weights_particles: the particles of the site are not drawn independently (e.g.
+            without replacement), and :meth:`particle_weights` gives each particle's weight in
+            the estimate of an expectation, per element: the surrogate weighs every cost
+            downstream of the site by it instead of ``1 / K``.
+        zero_mean_term: :meth:`surrogate_term`'s derivatives have mean zero given the
+            particles' values (a baseline), so it stays unbiased when the costs are weighted
+            per particle; the default term is. Only such estimators (or ones without a
+            learning signal) may serve a site below one that ``weights_particles``.
     """
 
     reparameterised: bool = False
@@ -123,6 +131,11 @@ class Estimator:
     couples_particles: bool = False
     stops_own_density: bool = False
     needs_bound: bool = False
+    weights_particles: bool = False
+
+    @property
+    def zero_mean_term(self) -> bool:
+        return type(self).surrogate_term is Estimator.surrogate_term
 
     def bound_refusal(self) -> str:
         """Why this estimator cannot serve a multi-sample bound (when ``bound_signal`` is
@@ -165,6 +178,12 @@ class Estimator:
     def init_state(self) -> Any:
         """This estimator's initial state for one site (a pytree; ``{}`` when stateless)."""
         return {}
+
+    def particle_weights(self, ctx: ScoreContext) -> jax.Array:
+        """Each particle's weight in the estimate ``sum_k omega_k f(w_k)`` of ``E f(w)``, per
+        element, in the layout of ``ctx.log_prob`` (``(K, *plates)``; summing to 1 over the
+        particles, gradient stopped), for an estimator that sets ``weights_particles``."""
+        raise NotImplementedError(f"{type(self).__name__} does not weigh its particles")
 
     def baseline_for(self, ctx: ScoreContext) -> tuple[jax.Array | None, Any]:
         """A baseline ``b_w`` broadcastable to ``ctx.log_prob`` (or ``None``) and new state."""

@@ -112,6 +112,11 @@ class ScoreFunction(Estimator):
             return None, ctx.state
         return self.baseline.baseline_for(ctx)
 
+    @property
+    def zero_mean_term(self) -> bool:
+        """The baseline's term (and its zero-valued training term) has mean zero."""
+        return True
+
     def surrogate_term(self, ctx: ScoreContext) -> tuple[jax.Array, Any]:
         term, state = super().surrogate_term(ctx)
         if self.baseline is None:

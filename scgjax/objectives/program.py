@@ -239,7 +239,7 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
                      "collected": msg["collected"] if "collected" in msg
                      else msg["estimator"].collect(msg)}
         if structure.kind == GUIDED and not msg["estimator"].reparameterised:
-            extras[n]["own_cost_shift"] = own_cost_shift(log_prob(role, n), msg)
+            extras[n]["own_cost_shift"] = canonical(own_cost_shift(log_prob(role, n), msg), msg)
     costs = {}
     for cid, r, s, sign in structure.costs:
         msg = traces[r][s]
@@ -252,8 +252,9 @@ def particle_arrays(structure: Structure, traces: dict) -> tuple[dict, dict, dic
 
 
 def own_cost_shift(log_q: jax.Array, msg: Message) -> jax.Array:
-    """``sum_elements (box(log q(w)) - 1) * s``: the zero-valued term that removes the direct
-    derivative of a sampled (not reparameterised) guide site's own cost ``-s log q(w)``.
+    """``(box(log q(w)) - 1) * s`` per element (the surrogate sums it): the zero-valued term
+    that removes the direct derivative of a sampled (not reparameterised) guide site's own
+    cost ``-s log q(w)``.
 
     That derivative, ``-s grad log q(w)`` at the drawn ``w``, has mean zero and is pure noise: with
     it, every score estimator computes ``grad log q (Q - b - s)``, a baseline ``s`` nats off, and
@@ -264,7 +265,7 @@ def own_cost_shift(log_q: jax.Array, msg: Message) -> jax.Array:
     (sub-sampling, ``sg.handlers.scale``); masked elements have ``log q = 0`` and add nothing.
     """
     scale = 1.0 if msg.get("scale") is None else jax.lax.stop_gradient(msg["scale"])
-    return jnp.sum((magic_box(log_q) - 1.0) * scale)
+    return (magic_box(log_q) - 1.0) * scale
 
 
 def graph(model: Callable, guide: Callable | None = None, *args, params: dict | None = None,

@@ -25,8 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from scgjax.errors import SiteError
 from scgjax.estimators.base import ScoreContext, magic_box
 from scgjax.layout import reduce_to
+from scgjax.scg import SCG
 from scgjax.tracegraph import Structure
 
 
@@ -45,21 +47,7 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
     """
     scg = structure.scg
     k = structure.num_particles
-    # Costs of the same shape with the same upstream nodes share one box: sum them first.
-    groups: dict[tuple, jax.Array] = {}
-    for cid, cost in costs.items():
-        upstream = tuple((w, keep) for w, keep in scg.boxes[cid] if w in logq)
-        key = (upstream, cost.shape)
-        groups[key] = cost if key not in groups else groups[key] + cost
-    parts = []
-    for (upstream, _), cost in groups.items():
-        if upstream:
-            lam = sum(reduce_to(logq[w], keep) for w, keep in upstream)
-            cost = magic_box(lam) * cost
-        parts.append(cost.sum())
-    total = sum(parts) if parts else jnp.zeros(())
-    surrogate = total / k if k > 1 else total
-    new_state = dict(state)
+    contexts = {}
     for w in logq:
         node = scg.nodes[w]
         signal = jnp.zeros_like(logq[w])
@@ -67,14 +55,13 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
             signal = signal + reduce_to(costs[cid], keep)
         if signals is not None:
             signals[w] = jax.lax.stop_gradient(signal)
-        est = node.estimator
         layout = node.layout(structure.plate_order)
         prefix = f"{w}$"
-        ctx = ScoreContext(
+        contexts[w] = ScoreContext(
             name=w,
             log_prob=logq[w],
             learning_signal=jax.lax.stop_gradient(signal),
-            state=state.get(w, est.init_state()),
+            state=state.get(w, node.estimator.init_state()),
             num_particles=k,
             value=extras[w]["value"],
             collected=extras[w]["collected"],
@@ -83,8 +70,68 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
             to_value_layout=layout.to_value,
             from_value_layout=layout.from_value,
         )
-        term, new_state[w] = est.surrogate_term(ctx)
+    weighing = [w for w in contexts if scg.nodes[w].estimator.weights_particles]
+    check_particle_weights(scg, weighing)
+    weights = {w: jax.lax.stop_gradient(scg.nodes[w].estimator.particle_weights(contexts[w]))
+               for w in weighing}
+    # Costs of the same shape with the same upstream nodes share one box: sum them first.
+    groups: dict[tuple, jax.Array] = {}
+    for cid, cost in costs.items():
+        upstream = tuple((w, keep) for w, keep in scg.boxes[cid] if w in logq)
+        key = (upstream, cost.shape)
+        groups[key] = cost if key not in groups else groups[key] + cost
+    parts = []
+    for (upstream, _), cost in groups.items():
+        weighted = [w for w, _ in upstream if w in weights]
+        if weighted:  # E f estimated by sum_k omega_k f_k, not the particles' mean
+            cost = cost * (k * weights[weighted[0]])
+        if upstream:
+            lam = sum(reduce_to(logq[w], keep) for w, keep in upstream)
+            cost = magic_box(lam) * cost
+        parts.append(cost.sum())
+    total = sum(parts) if parts else jnp.zeros(())
+    surrogate = total / k if k > 1 else total
+    new_state = dict(state)
+    for w, ctx in contexts.items():
+        term, new_state[w] = scg.nodes[w].estimator.surrogate_term(ctx)
         surrogate = surrogate + term
         if "own_cost_shift" in extras[w]:  # see program.own_cost_shift
-            surrogate = surrogate + extras[w]["own_cost_shift"].mean()
+            shift = extras[w]["own_cost_shift"]  # (K, *plates): its own cost is weighed too
+            surrogate = surrogate + (shift * (k * weights[w]) if w in weights else shift).sum() / k
     return surrogate, jax.lax.stop_gradient(total / k if k > 1 else total), new_state
+
+
+def check_particle_weights(scg: SCG, weighing: list[str]) -> None:
+    """Raise a :class:`SiteError` where weighing the costs downstream of the sites
+    ``weighing`` (their estimators' ``weights_particles``) per particle would be biased: a
+    cost outside one of the site's plates (its elements' weights do not factor), a cost
+    below two such sites, a site in an ``sg.scan`` loop, or a site below one whose
+    estimator's term assumes the particles' plain mean (see ``Estimator.zero_mean_term``)."""
+    for w in weighing:
+        node = scg.nodes[w]
+        name = type(node.estimator).__name__
+        if any(scg.plates[p].time for p in node.plates):
+            raise SiteError(w, f"uses {name}, which weighs its particles; inside an sg.scan "
+                            "loop the costs of later steps cannot be weighed per step: use "
+                            "RLOO() there")
+        for cid in scg.credited_costs(w):
+            cost = scg.costs[cid]
+            outside = [p for p in node.plates if p not in scg.shared_plates(w, cid)]
+            if outside:
+                raise SiteError(w, f"uses {name}, which weighs its particles per element of "
+                                f"the plate '{outside[0]}', but the cost '{cost.site}' "
+                                "downstream of it is outside that plate (it depends on all "
+                                "its elements at once, whose weights do not factor): use "
+                                "RLOO()")
+            others = [v for v in scg.upstream(cid) if v != w and v in weighing]
+            if others:
+                raise SiteError(w, f"uses {name}, which weighs its particles, and so does "
+                                f"'{others[0]}', upstream of the same cost '{cost.site}': "
+                                "only one such site may be upstream of a cost")
+        for v in scg.descendants(w):
+            est = scg.nodes[v].estimator
+            if est.enumerates or (est.uses_signal and not est.zero_mean_term):
+                raise SiteError(v, f"uses {type(est).__name__}, below the site '{w}', whose "
+                                f"{name} weighs the particles unequally; "
+                                f"{type(est).__name__} averages its particles equally: use "
+                                "RLOO(), ScoreFunction() or a reparameterised estimator here")

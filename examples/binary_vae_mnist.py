@@ -51,11 +51,18 @@ Other code (the benchmarks in ``bench/``) reuses exactly this model::
     svi = sg.SVI(model, guide, optax.adam(1e-3), sg.ELBO(num_particles=k))
     state = svi.init(key, x_batch); state, loss = svi.update(state, x_batch)
 
+``--compare-estimators`` then measures, at the trained params and on one training batch, the
+gradient variance and the time per step of the unbiased estimators of ``z`` (:data:`COMPARED`,
+all with the run's K) and recommends the one of least variance x time
+(:func:`compare_estimators`, built on ``sg.diagnostics.compare_estimators``).
+
 Run (about a minute on a 2-core CPU with the defaults)::
 
     python examples/binary_vae_mnist.py                          # score, K=1, 10000 steps
     python examples/binary_vae_mnist.py --estimator rloo --num-particles 4
     python examples/binary_vae_mnist.py --architecture nonlinear --estimator disarm
+    python examples/binary_vae_mnist.py --architecture nonlinear --estimator rloo \
+        --steps 1000 --compare-estimators
 """
 
 from __future__ import annotations
@@ -179,6 +186,33 @@ def make_estimator(name: str, num_particles: int | None = None) -> tuple[sg.Esti
     return choice.make(), k
 
 
+#: The estimators that ``--compare-estimators`` measures: the unbiased ones (a relaxation's
+#: gradient is biased, so its variance is no measure of its quality).
+COMPARED: tuple[str, ...] = ("score", "rloo", "dcv", "disarm")
+
+
+def compare_estimators(params: dict, x: jax.Array, *, architecture: str = "linear",
+                       num_particles: int = 2, names: Sequence[str] = COMPARED,
+                       num_samples: int = 200, warmup_steps: int = 100, seed: int = 0,
+                       criterion: str = "work") -> sg.diagnostics.EstimatorComparison:
+    """Measure each estimator of ``names`` (keys of :data:`ESTIMATORS`) for the guide's ``z``
+    at ``params`` on the batch ``x``: ``sg.diagnostics.compare_estimators`` under
+    ``sg.ELBO(num_particles)``, ``num_samples`` gradient estimates each, after
+    ``warmup_steps`` steps that train the estimator's own state and params alone (the
+    moving-average baseline, DCV's ``alpha``). Returns the comparison: ``.summary()`` is the
+    table and ``.assignment["z"]`` the estimator of least variance x time per step (or of
+    least variance, ``criterion="variance"``).
+
+    Raises ``ValueError`` if an estimator needs more particles than ``num_particles``.
+    """
+    candidates = [make_estimator(name, num_particles)[0] for name in names]
+    model, guide = build(None, architecture=architecture)
+    return sg.diagnostics.compare_estimators(
+        sg.ELBO(num_particles=num_particles), params, seed, model, guide, x,
+        candidates={"z": candidates}, num_samples=num_samples, warmup_steps=warmup_steps,
+        criterion=criterion)
+
+
 def build(estimator: sg.Estimator | None = None, latent_dim: int = LATENT_DIM,
           decoder_bias: np.ndarray | None = None, architecture: str = "linear",
           ) -> tuple[Callable, Callable]:
@@ -242,11 +276,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="linear",
                         help="encoder and decoder (default: %(default)s): linear 784-200-784, "
                         "or nonlinear 784-200-200-200 / 200-200-200-784 with LeakyReLU(0.3)")
+    parser.add_argument("--compare-estimators", action="store_true",
+                        help="after training, measure the gradient variance and time per step "
+                        f"of {', '.join(COMPARED)} at the trained params (K as trained) and "
+                        "recommend one")
+    parser.add_argument("--compare-samples", type=int, default=200,
+                        help="gradient estimates per estimator for --compare-estimators "
+                        "(default: %(default)s)")
     args = common.parse(parser, argv)
     try:
         estimator, k = make_estimator(args.estimator, args.num_particles)
     except ValueError as e:
         parser.error(str(e))
+    if args.compare_estimators and (k < 2 or k % 2):
+        parser.error(f"--compare-estimators compares {', '.join(COMPARED)} at the run's K: it "
+                     f"needs an even --num-particles >= 2 (DisARM's pairs), got {k}")
+    if args.compare_samples < 20:  # 10 groups of at least 2 (the standard errors)
+        parser.error(f"--compare-samples must be >= 20, got {args.compare_samples}")
     model, guide = build(estimator, architecture=args.architecture)
     print(f"binary VAE ({describe(args.architecture)}): {LATENT_DIM} Bernoulli latents, "
           f"estimator {estimator}, K={k}, batch {args.batch_size}, Adam lr {args.lr}, "
@@ -257,8 +303,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = common.run_experiment(args, model, guide, sg.ELBO(num_particles=k),
                                     f"{title} ({args.estimator}, K={k})",
                                     eval_guide=discrete_guide)
-    return {**results, "estimator": args.estimator, "num_particles": k,
-            "architecture": args.architecture}
+    results = {**results, "estimator": args.estimator, "num_particles": k,
+               "architecture": args.architecture}
+    if args.compare_estimators:
+        key_batch, key_bin = jax.random.split(jax.random.key(args.seed + 1))
+        images = common.load_data(args.data_dir).train
+        idx = jax.random.choice(key_batch, len(images), (args.batch_size,), replace=False)
+        x = common.dynamic_binarize(key_bin, jnp.asarray(images)[idx])
+        comparison = compare_estimators(results["params"], x, architecture=args.architecture,
+                                        num_particles=k, num_samples=args.compare_samples,
+                                        seed=args.seed)
+        print(comparison.summary())
+        results["comparison"] = comparison
+    return results
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """REBAR and RELAX: unbiasedness against exact gradients by enumeration (logits exactly 0
-among the cases, a plate, ELBO and Expectation), the variance on Tucker et al.'s toy problem
+among the cases, a plate, ELBO and Expectation; Bernoulli sites, and Categorical sites of 5
+classes for RELAX), the variance on Tucker et al.'s toy problem (and a categorical version)
 after training the control variate, and the errors."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 
@@ -39,10 +41,17 @@ class BlockCV(nn.Module):
         return nn.Dense(1)(nn.tanh(nn.Dense(8)(z)))
 
 
-def _samples(objective, program_args, params, num_samples=NUM_SAMPLES, seed=0):
+# Compiling dominates these tests (the samples take a fraction of a second): XLA's backend
+# optimisations off compile about 3x faster, as in test_sharding.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _samples(objective, program_args, params, num_samples=NUM_SAMPLES, seed=0,
+             compiler_options=None):
     loss = lambda k, p: objective.loss(k, p, *program_args)  # noqa: E731
     grad = lambda k: jax.tree.map(jnp.negative, jax.grad(loss, argnums=1)(k, params))  # noqa: E731
-    g = jax.jit(jax.vmap(grad))(jax.random.split(jax.random.key(seed), num_samples))
+    g = jax.jit(jax.vmap(grad), compiler_options=compiler_options)(
+        jax.random.split(jax.random.key(seed), num_samples))
     return {n: v for n, v in g.items() if "$" not in n}
 
 
@@ -95,6 +104,94 @@ def test_unbiased_elbo_plate(estimator):
     assert_unbiased({n: samples[n] for n in ("a", "b")}, {n: exact[n] for n in ("a", "b")})
 
 
+# --- RELAX on Categorical sites: a plate of two 5-class sites, one with logits exactly 0 ----
+
+CAT_LOGITS = jnp.array([[0.0, 0.0, 0.0, 0.0, 0.0], [1.2, -0.4, 0.3, -1.5, 0.6]])
+CAT_F = jnp.array([[1.0, -2.0, 0.5, 3.0, -1.0], [2.0, 0.0, -3.0, 1.5, 4.0]])
+
+
+class SoftmaxCV(nn.Module):
+    """The authors' control variate for a Categorical (BackpropThroughTheVoidRL): the relaxed
+    sample ``softmax(z / lambda)``, ``lambda`` learned (``log lambda`` from 0), into a network;
+    one value per plate element."""
+
+    @nn.compact
+    def __call__(self, z):  # (..., C) -> (...)
+        log_t = self.param("log_temperature", nn.initializers.zeros, ())
+        h = jax.nn.softmax(z / jnp.exp(log_t), axis=-1)
+        return nn.Dense(1)(nn.tanh(nn.Dense(16)(h)))[..., 0]
+
+
+def cat_program(estimator):
+    with sg.plate("n", 2):
+        z = sg.sample("z", dist.Categorical(logits=sg.param("l", CAT_LOGITS)),
+                      estimator=estimator)
+        sg.factor("f", CAT_F[jnp.arange(2), z])
+
+
+def _softmax_grad(logits, h):
+    """``d/d logits sum_c softmax(logits)_c h_c`` (rows independent), in numpy (no compile)."""
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return p * (h - np.sum(p * h, -1, keepdims=True))
+
+
+def cat_exact_grad(params):
+    return {"l": _softmax_grad(np.asarray(params["l"], np.float64), np.asarray(CAT_F))}
+
+
+CAT_X = jnp.array([0.3, 2.1])
+CAT_MU = jnp.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+CAT_PRIOR = jnp.log(jnp.array([0.1, 0.3, 0.2, 0.25, 0.15]))
+
+
+def cat_model():
+    with sg.plate("n", 2):
+        z = sg.sample("z", dist.Categorical(logits=CAT_PRIOR))
+        sg.sample("x", dist.Normal(CAT_MU[z], 1.0), obs=CAT_X)
+
+
+def cat_guide(estimator):
+    with sg.plate("n", 2):
+        sg.sample("z", dist.Categorical(logits=sg.param("l", CAT_LOGITS)), estimator=estimator)
+
+
+def cat_elbo_exact_grad(params):
+    """``E_q[log p(x, z) - log q(z)]`` per element is ``sum_c q_c h_c`` with ``h = lp - log q``;
+    its gradient is that of ``sum_c q_c h_c`` at ``h`` fixed (``E_q[d log q] = 0``)."""
+    logits = np.asarray(params["l"], np.float64)
+    lq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    lp = (np.asarray(CAT_PRIOR, np.float64) - 0.5 * (np.asarray(CAT_X)[:, None]
+          - np.asarray(CAT_MU)) ** 2 - 0.5 * np.log(2 * np.pi))
+    return {"l": _softmax_grad(logits, lp - lq)}
+
+
+def _moved(cv: dict, seed: int = 3) -> dict:
+    """The control variate's params far from their initial values (so that a part of its
+    term that did not cancel would show as a bias)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: np.asarray(x) + 1.5 * rng.normal(size=np.shape(x))
+                        .astype(np.float32), cv)
+
+
+@pytest.mark.parametrize("k,elbo", [(1, False), (3, True)], ids=["expectation-k1", "elbo-k3"])
+def test_categorical_unbiased_plate(k, elbo):
+    """5 classes, logits exactly 0 in the first plate element; the leave-one-out baseline at
+    K = 3; under ELBO the site's own -log q is among its costs."""
+    estimator = sg.RELAX(SoftmaxCV())
+    if elbo:
+        guide = functools.partial(cat_guide, estimator)
+        args, objective, exact = (cat_model, guide), sg.ELBO(num_particles=k), cat_elbo_exact_grad
+        params = sg.init_params(0, cat_model, guide)
+    else:
+        program = functools.partial(cat_program, estimator)
+        args, objective, exact = (program,), sg.Expectation(num_particles=k), cat_exact_grad
+        params = sg.init_params(0, program)
+    params["z$control_variate"] = _moved(params["z$control_variate"])
+    assert_unbiased(_samples(objective, args, params, compiler_options=FAST_COMPILE),
+                    exact(params))
+
+
 # --- Tucker et al.'s toy problem: f(b) = (b - t)^2, one Bernoulli with logit theta ----------
 
 T = 0.45
@@ -106,7 +203,7 @@ def toy(estimator):
     sg.factor("f", -((b - T) ** 2))
 
 
-def _train_control_variate(estimator, k, steps=500, lr=0.02):
+def _train_control_variate(estimator, k, steps=500, lr=0.02, toy=toy):
     """Adam on the estimator's parameters only (theta fixed at 0), by the variance term."""
     program, objective = functools.partial(toy, estimator), sg.Expectation(num_particles=k)
     params = sg.init_params(0, program)
@@ -129,7 +226,7 @@ def _theta_grads(program, objective, params, n=20000):
     g = jax.jit(jax.vmap(
         lambda key: -jax.grad(objective.loss, argnums=1)(key, params, program)["theta"]))(keys)
     g = np.asarray(g, np.float64)
-    sq = (g - g.mean()) ** 2
+    sq = ((g - g.mean(0)) ** 2).reshape(n, -1).sum(-1)  # the trace for a vector of logits
     return g, sq.mean(), sq.std() / np.sqrt(n)  # samples, variance, its standard error
 
 
@@ -155,19 +252,83 @@ def test_variance_ordering_on_the_toy_problem():
     below(relax, rloo)  # one relaxed sample beats the leave-one-out pair
 
 
+# --- a categorical version of the toy problem: f(b) = (t_b - 0.45)^2, 5 classes, logits 0 -----
+
+T5 = jnp.linspace(0.0, 1.0, 5)
+
+
+def cat_toy(estimator):
+    theta = sg.param("theta", jnp.zeros(5))
+    b = sg.sample("b", dist.Categorical(logits=theta), estimator=estimator)
+    sg.factor("f", -((T5[b] - T) ** 2))
+
+
+def test_categorical_variance_below_the_score_function_after_training():
+    """The plain score function's variance (trace over the 5 logits) exactly by enumeration;
+    RELAX's sampled at its initial and at its trained control variate. One scan (one compiled
+    gradient) does all: batches of samples at the initial params, Adam steps on the batch-mean
+    variance gradient, batches at the trained params."""
+    p, f = np.full(5, 0.2), -((np.asarray(T5, np.float64) - T) ** 2)
+    s2 = np.sum((np.eye(5) - p) ** 2, -1)  # |d log p(b) / d theta|^2 per class b
+    exact = _softmax_grad(np.zeros(5), f)
+    sf = float(np.sum(p * f**2 * s2) - np.sum(exact**2))
+
+    program, objective = functools.partial(cat_toy, sg.RELAX(SoftmaxCV())), sg.Expectation()
+    params = sg.init_params(0, program)
+    opt, batch, measure, train = optax.adam(0.03), 100, 100, 150
+
+    def step(carry, inputs):
+        cv, state = carry
+        key, training = inputs
+        g = jax.vmap(lambda k: jax.grad(objective.loss, argnums=1)(
+            k, {**params, "b$control_variate": cv}, program))(jax.random.split(key, batch))
+        updates, new_state = opt.update(jax.tree.map(lambda x: x.mean(0),
+                                                     g["b$control_variate"]), state)
+        new = (optax.apply_updates(cv, updates), new_state)
+        carry = jax.tree.map(lambda a, b: jnp.where(training, a, b), new, carry)
+        return carry, -g["theta"]
+
+    flags = jnp.arange(2 * measure + train)
+    flags = (flags >= measure) & (flags < measure + train)
+    keys = jax.random.split(jax.random.key(1), flags.shape[0])
+    cv = params["b$control_variate"]
+    _, g = jax.jit(lambda c: jax.lax.scan(step, c, (keys, flags)),
+                   compiler_options=FAST_COMPILE)((cv, opt.init(cv)))
+    g = np.asarray(g, np.float64)
+    out = []
+    for samples in (g[:measure].reshape(-1, 5), g[measure + train:].reshape(-1, 5)):
+        assert_unbiased({"theta": samples}, {"theta": exact}, min_power=0.0)
+        sq = ((samples - samples.mean(0)) ** 2).sum(-1)
+        out.append((sq.mean(), sq.std() / np.sqrt(sq.shape[0])))
+    (v0, se0), (v1, se1) = out
+    c = np.sum(p * f * s2) / np.sum(p * s2)  # the constant baseline of least variance
+    best_constant = float(np.sum(p * (f - c) ** 2 * s2) - np.sum(exact**2))
+    print(f"variance (trace): SF {sf:.3e}, SF with the best constant baseline "
+          f"{best_constant:.3e}, RELAX initial {v0:.3e} +- {se0:.1e}, trained {v1:.3e} +- "
+          f"{se1:.1e}")
+    assert v1 + 4 * np.hypot(se0, se1) < v0
+    assert v1 + 4 * se1 < sf
+    assert v1 + 4 * se1 < best_constant  # the relaxed sample is used, not only a constant
+
+
 # --- errors -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("estimator", [sg.REBAR(), sg.RELAX(ElementCV())], ids=["rebar", "relax"])
-def test_error_on_a_categorical_site(estimator):
-    def program():
-        c = sg.sample("c", dist.Categorical(logits=sg.param("l", jnp.zeros(3))),
-                      estimator=estimator)
-        sg.factor("f", c.astype(jnp.float32))
+def test_categorical_errors():
+    def program(estimator, event=False, normal=False):
+        fn = dist.Categorical(logits=sg.param("l", jnp.zeros((2, 3))))
+        fn = dist.Normal(jnp.zeros(2), 1.0) if normal else fn.to_event(1) if event else fn
+        with sg.plate("n", 2) if not event else contextlib.nullcontext():
+            c = sg.sample("c", fn, estimator=estimator)
+        sg.factor("f", jnp.sum(c).astype(jnp.float32))
 
-    with pytest.raises(sg.SiteError, match="'c'.*Bernoulli") as info:
-        params = sg.init_params(0, program)
-        sg.Expectation(num_particles=2).loss(0, params, program)
-    assert info.value.site == "c"
+    cases = [(sg.REBAR(), {}, "REBAR needs a Bernoulli site.*sg.RELAX"),
+             (sg.RELAX(SoftmaxCV()), {"event": True}, r"Categorical under \.to_event.*sg.plate"),
+             (sg.RELAX(SoftmaxCV()), {"normal": True}, "Bernoulli or a Categorical site")]
+    for estimator, kwargs, match in cases:
+        fn = functools.partial(program, estimator, **kwargs)
+        with pytest.raises(sg.SiteError, match="'c'.*" + match) as info:
+            sg.Expectation(num_particles=2).loss(0, {"l": jnp.zeros((2, 3))}, fn)
+        assert info.value.site == "c"
 
 
 @pytest.mark.parametrize("estimator", [sg.REBAR(), sg.RELAX(ElementCV())], ids=["rebar", "relax"])

@@ -1,26 +1,44 @@
-"""REBAR (Tucker et al., NeurIPS 2017) and RELAX (Grathwohl et al., ICLR 2018) for Bernoulli
-sites: unbiased score-function estimators with a control variate on a continuous relaxation,
-whose parameters are trained in the same step to minimise the estimator's variance.
+"""REBAR (Tucker et al., NeurIPS 2017) for Bernoulli sites and RELAX (Grathwohl et al., ICLR
+2018) for Bernoulli and Categorical sites: unbiased score-function estimators with a control
+variate on a continuous relaxation, whose parameters are trained in the same step to minimise
+the estimator's variance.
 
-For a Bernoulli element with logits ``eta``, ``theta = sigmoid(eta)``, logistic noise
-``z = eta + logit(u)``, ``u ~ U(0, 1)``, value ``b = H(z) = 1[z > 0]`` and the *conditional*
-relaxation ``z~ ~ p(z | b)`` (reparameterised given ``b``), any control variate ``c`` that is a
-continuous function of ``z`` gives the unbiased estimate of ``d/d eta E[f(b)]``
+For a discrete element ``b = H(z)`` of a continuous, reparameterisable ``z ~ p(z | eta)`` and
+the *conditional* relaxation ``z~ ~ p(z | b, eta)`` (reparameterised given ``b``), any control
+variate ``c`` that is a continuous function of ``z`` gives the unbiased estimate of
+``d/d eta E[f(b)]``
 
     g = [f(b) - beta - nu c(z~)] d log p(b)/d eta + nu d c(z)/d eta - nu d c(z~)/d eta
 
-(``beta`` a baseline that does not depend on this particle). ``z~`` is drawn as Tucker et al.
-(appendix): ``z~ = softplus(logit(v) - log sigmoid(-eta))`` if ``b = 1`` and
-``z~ = -softplus(logit(v) - log sigmoid(eta))`` if ``b = 0``, ``v ~ U(0, 1)``. Here ``z`` is
-drawn *given* the value ``b`` the same way (with ``eta`` held fixed, then shifted by ``eta``
-with ``u`` fixed), which is the same joint law as drawing ``u`` first.
+(``beta`` a baseline that does not depend on this particle; the derivatives of ``c`` are
+through the reparameterised noise).
+
+- Bernoulli, logits ``eta``, ``theta = sigmoid(eta)``: logistic noise ``z = eta + logit(u)``,
+  ``u ~ U(0, 1)``, ``b = 1[z > 0]``; ``z~`` as Tucker et al. (appendix):
+  ``z~ = softplus(logit(v) - log sigmoid(-eta))`` if ``b = 1`` and
+  ``z~ = -softplus(logit(v) - log sigmoid(eta))`` if ``b = 0``, ``v ~ U(0, 1)``.
+- Categorical, ``C`` classes, normalised log-probabilities ``eta = log theta`` (the logits
+  through ``log_softmax``): Gumbel noise ``z_i = eta_i - log(-log u_i)``, ``b = argmax z``;
+  ``z~`` as Grathwohl et al. (appendix B): ``z~_b = -log(-log v_b)`` (the maximum of the
+  ``z_i`` is a standard Gumbel, independent of ``eta`` and ``b``) and, for ``i != b``, the
+  Gumbel with location ``eta_i`` truncated below it,
+  ``z~_i = -log(-log(v_i) / theta_i - log v_b)`` (:func:`conditional_gumbel`), ``v`` uniform
+  on ``[0, 1]^C``. ``d log p(b)/d eta = onehot(b) - theta``. The authors' RL code
+  (github.com/wgrathwohl/BackpropThroughTheVoidRL, ``baselines/a2c/policies.py``,
+  ``make_samples``) draws ``z~_b = eta_b - log(-log v_b)`` instead, marked "slightly biased"
+  there; the paper's ``z~_b`` above is the exact one.
+
+Here ``z`` is drawn *given* the value ``b`` the same way as ``z~`` (with ``eta`` held fixed,
+then moved with ``eta`` at fixed noise ``z - eta``), which is the same joint law as drawing the
+noise first and ``b = H(z)``: the site's value is drawn by its distribution as usual.
 
 How ``f`` enters: ``f`` is the site's learning signal (the costs downstream of the site,
 credited per plate element). The objectives evaluate the costs at the drawn value only (plus
 their derivative ``df/db`` there, the probe of ``needs_signal_grad``), not at relaxed values,
-so :class:`REBAR` uses a *first-order* relaxation of ``f`` (see its docstring) and
-:class:`RELAX` a learned network. Both are exact (unbiased) estimators; only the control
-variate differs from the papers' ``f(sigma_lambda(z))`` in REBAR.
+so :class:`REBAR` uses a *first-order* relaxation of ``f`` (see its docstring; it needs a
+real-valued ``b``, hence Bernoulli only) and :class:`RELAX` a learned network. Both are exact
+(unbiased) estimators; only the control variate differs from the papers'
+``f(sigma_lambda(z))`` in REBAR.
 """
 
 from __future__ import annotations
@@ -31,13 +49,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as nd
 
 from scgjax.baselines import site_to_signal_layout
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator, ScoreContext, require_particles, zero_value
-from scgjax.estimators.bernoulli import logits_and_keep, require_bernoulli
+from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep, require_bernoulli
+from scgjax.estimators.unordered_set import categorical_logits
 
-__all__ = ["REBAR", "RELAX", "conditional_logistic"]
+__all__ = ["REBAR", "RELAX", "conditional_gumbel", "conditional_logistic"]
 
 
 def _logit(v: jax.Array) -> jax.Array:
@@ -60,10 +80,50 @@ def conditional_logistic(eta: jax.Array, b: jax.Array, v: jax.Array) -> jax.Arra
     return jnp.where(b > 0.5, one, zero)
 
 
+def conditional_gumbel(logp: jax.Array, b: jax.Array, v: jax.Array) -> jax.Array:
+    """A draw of ``z = logp + Gumbel(0, 1)`` (one Gumbel per class, last axis) conditioned on
+    ``argmax z = b``, from ``v ~ U(0, 1)`` of the same shape, reparameterised in ``logp`` given
+    ``b`` (Grathwohl et al. 2018, appendix B; Tucker et al. 2017, appendix). ``logp`` must be
+    normalised (``logsumexp(logp) = 0``): the maximum ``z_b`` is then a standard Gumbel whatever
+    ``logp`` and ``b`` are, and every other coordinate a Gumbel with location ``logp_i``
+    truncated below it::
+
+        z_b = -log(-log v_b),    z_i = -log(-log(v_i) / p_i - log v_b)   (i != b),
+
+    computed as ``-logaddexp(log(-log v_i) - logp_i, log(-log v_b))``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> logp = jnp.log(jnp.array([0.5, 0.25, 0.25]))
+        >>> z = conditional_gumbel(logp, jnp.array(1), jnp.full(3, 0.5))
+        >>> int(jnp.argmax(z)), round(float(z[1]), 4)  # z_b: the Gumbel median -log(log 2)
+        (1, 0.3665)
+    """
+    e = jnp.log(-jnp.log(v))  # (..., C)
+    at_b = jax.nn.one_hot(b, logp.shape[-1], dtype=bool)
+    e_b = jnp.sum(jnp.where(at_b, e, 0.0), axis=-1, keepdims=True)
+    return jnp.where(at_b, -e_b, -jnp.logaddexp(e - logp, e_b))
+
+
+def _is_categorical(fn: Any) -> bool:
+    return categorical_logits(fn) is not None
+
+
+def _categorical_under_event(fn: Any) -> bool:
+    """A Categorical wrapped by ``.to_event`` (possibly with ``.expand``/``.mask`` too)."""
+    event = False
+    while hasattr(fn, "base_dist"):
+        event = event or isinstance(fn, nd.Independent)
+        fn = fn.base_dist
+    return event and isinstance(fn, (nd.CategoricalLogits, nd.CategoricalProbs))
+
+
 class _Relaxed(Estimator):
-    """What REBAR and RELAX share: the noise, the relaxed samples, the estimate per element and
-    the same-step variance training. Subclasses define :meth:`relaxed_cv` (``c`` per plate
-    element, in the value layout with size 1 along the block dims) and :meth:`cv_scale`."""
+    """What REBAR and RELAX share: the noise, the relaxed samples (logistic for a Bernoulli,
+    Gumbel for a Categorical: ``logits`` then has the classes last, one axis more than the
+    value), the estimate per element and the same-step variance training. Subclasses define
+    :meth:`relaxed_cv` (``c`` per plate element, in the value layout with size 1 along the
+    block dims) and :meth:`cv_scale`."""
 
     score = False
     _min_particles = 1
@@ -72,8 +132,30 @@ class _Relaxed(Estimator):
     def uses_signal(self) -> bool:
         return True
 
+    #: whether the estimator also serves Categorical sites (RELAX; REBAR's first-order
+    #: relaxation needs ``df/db`` at a real-valued Bernoulli value)
+    _categorical = False
+
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
-        require_bernoulli(self, name, fn)
+        kind = type(self).__name__
+        if _categorical_under_event(fn):
+            raise SiteError(name, f"uses {kind}, which does not support a Categorical under "
+                            ".to_event (one control-variate value per block of classes is not "
+                            "provided); declare the independent dims with sg.plate instead")
+        if _is_categorical(fn):
+            if not self._categorical:
+                raise SiteError(name, f"uses {kind}, but its distribution is "
+                                f"{type(fn).__name__}; {kind} needs a Bernoulli site (its "
+                                "first-order relaxation differentiates the costs at a real "
+                                "value); for a Categorical use sg.RELAX(control_variate), "
+                                "sg.RLOO() or sg.ScoreFunction()")
+        elif self._categorical and bernoulli_parts(fn) is None:
+            raise SiteError(name, f"uses {kind}, but its distribution is {type(fn).__name__}; "
+                            f"{kind} needs a Bernoulli or a Categorical site "
+                            "(dist.Bernoulli / dist.Categorical with logits=... or probs=..., "
+                            "possibly with .expand / .mask; a Bernoulli also with .to_event)")
+        else:
+            require_bernoulli(self, name, fn)
         require_particles(self, name, num_particles, self._min_particles)
 
     def bound_refusal(self) -> str:
@@ -82,13 +164,13 @@ class _Relaxed(Estimator):
                 "ScoreFunction() without a baseline, or Pathwise()")
 
     def collect(self, msg: dict) -> dict:
-        out = logits_and_keep(msg)
+        out = _categorical_parts(msg) if _is_categorical(msg["fn"]) else logits_and_keep(msg)
         key = msg["kwargs"].get("rng_key")
         if key is None:
             raise SiteError(msg["name"], f"uses {type(self).__name__}, which needs the site's "
                             "random key to draw its relaxations; the value must be drawn by "
                             "the estimator (not substituted or conditioned)")
-        shape = jnp.shape(msg["value"])
+        shape = jnp.shape(out["logits"])  # the value's, with the classes last for a Categorical
         tiny = jnp.finfo(jnp.float32).tiny
         out["u"] = jax.random.uniform(jax.random.fold_in(key, 1), shape, minval=tiny)
         out["v"] = jax.random.uniform(jax.random.fold_in(key, 2), shape, minval=tiny)
@@ -129,18 +211,31 @@ class _Relaxed(Estimator):
         stop = jax.lax.stop_gradient
         params = self._params(ctx)
         k = ctx.num_particles
-        eta = ctx.collected["logits"]  # (K, *value_shape), differentiable in the parameters
+        eta = ctx.collected["logits"]  # differentiable in the parameters
         e0 = stop(eta).astype(jnp.result_type(float))
-        theta = jax.nn.sigmoid(e0)
-        b = stop(ctx.value).astype(e0.dtype)
+        b = stop(ctx.value)
         keep = ctx.collected["keep"].astype(e0.dtype)
         f = stop(ctx.to_value_layout(ctx.learning_signal)).astype(e0.dtype)
-        z0 = conditional_logistic(e0, b, stop(ctx.collected["u"]))  # z | b, u held fixed below
-        v = stop(ctx.collected["v"])
+        u, v = stop(ctx.collected["u"]), stop(ctx.collected["v"])
+        if eta.ndim == b.ndim + 1:  # Categorical: (K, *batch, C) log-probabilities
+            theta = jnp.exp(e0)
+            score = jax.nn.one_hot(b, e0.shape[-1], dtype=e0.dtype) - theta
+            z0 = conditional_gumbel(e0, b, u)  # z | b, the Gumbel noise z0 - e0 held fixed
+
+            def relax_z(e):
+                lp = jax.nn.log_softmax(e, axis=-1)
+                return z0 + (lp - e0), conditional_gumbel(lp, b, v)
+        else:  # Bernoulli: (K, *value_shape) logits
+            b = b.astype(e0.dtype)
+            theta = jax.nn.sigmoid(e0)
+            score = b - theta
+            z0 = conditional_logistic(e0, b, u)  # z | b, u held fixed below
+
+            def relax_z(e):
+                return z0 + (e - e0), conditional_logistic(e, b, v)
 
         def relaxed(e):  # sum_elements (c(z) - c(z~)) and c(z~), as functions of the logits
-            z = z0 + (e - e0)
-            zt = conditional_logistic(e, b, v)
+            z, zt = relax_z(e)
             c_z = self.relaxed_cv(ctx, z, theta, params)
             c_zt = self.relaxed_cv(ctx, zt, theta, params)
             return jnp.sum(c_z - c_zt), c_zt
@@ -148,10 +243,23 @@ class _Relaxed(Estimator):
         dc, c_zt = jax.grad(relaxed, has_aux=True)(e0)  # per element: d(c(z) - c(z~))/d eta
         nu = self.cv_scale(params)
         coef = f - self.baseline(f) - nu * c_zt
-        g = keep * (coef * (b - theta) + nu * dc) / k  # per particle; the estimate is the sum
+        if score.ndim > coef.ndim:  # the class axis
+            coef, keep = coef[..., None], keep[..., None]
+        g = keep * (coef * score + nu * dc) / k  # per particle; the estimate is the sum
         main = jnp.sum(eta * stop(g))
         variance = jnp.mean(jnp.sum(g, axis=0) ** 2)  # E[g^2] = Var + mean^2, mean fixed
         return zero_value(main) - zero_value(variance), ctx.state
+
+
+def _categorical_parts(msg: dict) -> dict[str, jax.Array]:
+    """A Categorical site's normalised logits ``(*value_shape, C)`` and its ``keep`` mask
+    ``(*value_shape)`` (False where masked by ``.mask`` or ``sg.handlers.mask``)."""
+    logits, mask = categorical_logits(msg["fn"])
+    shape = jnp.shape(msg["value"])
+    keep = jnp.ones(shape, bool) if mask is None else jnp.broadcast_to(mask, shape)
+    if msg.get("mask") is not None:  # sg.handlers.mask: over the batch shape
+        keep = jnp.logical_and(keep, jnp.broadcast_to(msg["mask"], shape))
+    return {"logits": jnp.broadcast_to(logits, (*shape, logits.shape[-1])), "keep": keep}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +298,9 @@ class REBAR(_Relaxed):
     elements get no score gradient.
 
     Requirements: a Bernoulli site and ``num_particles >= 2``; not for ``sg.IWAE``; errors
-    naming the site otherwise.
+    naming the site otherwise. Not for Categorical sites: the first-order relaxation
+    differentiates the costs at a real-valued ``b``, which a class index is not (use
+    :class:`RELAX`).
 
     Reference: G. Tucker, A. Mnih, C. J. Maddison, D. Lawson and J. Sohl-Dickstein, "REBAR:
     Low-variance, unbiased gradient estimates for discrete latent variable models", NeurIPS
@@ -249,22 +359,34 @@ class REBAR(_Relaxed):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RELAX(_Relaxed):
-    """RELAX (Grathwohl, Choi, Wu, Roeder & Duvenaud, ICLR 2018) for Bernoulli sites: REBAR's
-    estimator with a learned control variate ``c_phi``, a flax network.
+    """RELAX (Grathwohl, Choi, Wu, Roeder & Duvenaud, ICLR 2018) for Bernoulli and Categorical
+    sites: REBAR's estimator with a learned control variate ``c_phi``, a flax network.
 
     Per particle ``k`` and element (notation of the module docstring)::
 
-        g_k = [f_k - mean_{j != k} f_j - c_phi(z~_k)] (b_k - theta_k)
-              + d c_phi(z_k)/d eta - d c_phi(z~_k)/d eta
+        g_k = [f_k - mean_{j != k} f_j - c_phi(z~_k)] d log p(b_k)/d eta
+              + d c_phi(z_k)/d eta - d c_phi(z~_k)/d eta,
 
-    averaged over the ``K`` particles (no leave-one-out baseline at ``K = 1``). Unbiased for
-    every ``phi``. ``control_variate`` is a flax linen module applied to one particle's relaxed
-    sample ``z`` (the logistic variable ``eta + logit(u)``, real-valued, in the layout of the
-    site's value: ``(*batch_shape, *event_shape)``), and to ``inputs`` when given
-    (``module(z, inputs)``; e.g. the data ``x``, which must not depend on the site's value;
-    gradient stopped). It returns one value per plate element in the site's batch layout
-    (``(N,)`` or ``(N, 1)`` for a site in ``plate("data", N)``; ``()`` or ``(1,)`` in no plate),
-    and must not mix plate elements (each element's ``c`` a function of its own ``z``).
+    ``d log p(b)/d eta = b - theta`` for a Bernoulli (``eta`` the logits) and
+    ``onehot(b) - theta`` for a Categorical (``eta = log_softmax(logits)``, so the gradient
+    reaches the logits through ``log_softmax``), averaged over the ``K`` particles (no
+    leave-one-out baseline at ``K = 1``). Unbiased for every ``phi``.
+
+    ``control_variate`` is a flax linen module applied to one particle's relaxed sample ``z``,
+    and to ``inputs`` when given (``module(z, inputs)``; e.g. the data ``x``, which must not
+    depend on the site's value; gradient stopped). The relaxed sample is the continuous variable
+    whose ``H`` is the value, real-valued:
+
+    - Bernoulli: the logistic variable ``eta + logit(u)``, in the layout of the site's value,
+      ``(*batch_shape, *event_shape)``;
+    - Categorical: the Gumbel vector ``log_softmax(logits) - log(-log u)``, ``(*batch_shape,
+      C)`` (the classes last; ``b = argmax z``). The authors' code feeds its network
+      ``softmax(z / lambda)`` with a learned temperature ``lambda`` (``log lambda`` from 0);
+      a module that wants that does it itself (see the example), since ``z`` determines it.
+
+    It returns one value per plate element in the site's batch layout (``(N,)`` or ``(N, 1)``
+    for a site in ``plate("data", N)``; ``()`` or ``(1,)`` in no plate), and must not mix plate
+    elements (each element's ``c`` a function of its own ``z``).
 
     ``sg.init_params`` creates ``phi`` as ``params["<site>$control_variate"]``
     (``module.init(key, z[, inputs])["params"]``). In the same step ``phi`` is trained to
@@ -277,11 +399,14 @@ class RELAX(_Relaxed):
     whole score part of the gradient through the logits (first derivatives only). Masked
     elements get no score gradient.
 
-    Requirements: a Bernoulli site; not for ``sg.IWAE``; errors naming the site otherwise.
+    Requirements: a Bernoulli site (``.to_event``, ``.expand`` and ``.mask`` are fine) or a
+    Categorical site (``logits`` or ``probs``; ``.expand`` and ``.mask``, not ``.to_event``:
+    use a plate); not for ``sg.IWAE``; errors naming the site otherwise.
 
     Reference: W. Grathwohl, D. Choi, Y. Wu, G. Roeder and D. Duvenaud, "Backpropagation
     through the Void: Optimizing control variates for black-box gradient estimation", ICLR
-    2018 (code: github.com/duvenaud/relax).
+    2018 (code: github.com/duvenaud/relax; the categorical case:
+    github.com/wgrathwohl/BackpropThroughTheVoidRL).
 
     Example:
         >>> import flax.linen as nn, jax, jax.numpy as jnp, scgjax as sg
@@ -301,10 +426,32 @@ class RELAX(_Relaxed):
         >>> grads = jax.grad(sg.Expectation().loss, argnums=1)(jax.random.key(0), params, program)
         >>> grads["eta"].shape
         (3,)
+
+        A Categorical site in a plate, the control variate on ``softmax(z / lambda)``:
+
+        >>> class SoftmaxCV(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, z):  # z: (4, 5) -> (4,), one value per plate element
+        ...         log_t = self.param("log_temperature", nn.initializers.zeros, ())
+        ...         h = jax.nn.softmax(z / jnp.exp(log_t), axis=-1)
+        ...         return nn.Dense(1)(nn.tanh(nn.Dense(8)(h)))[..., 0]
+        >>> def categorical():
+        ...     logits = sg.param("logits", jnp.zeros((4, 5)))
+        ...     with sg.plate("n", 4):
+        ...         c = sg.sample("c", dist.Categorical(logits=logits),
+        ...                       estimator=sg.RELAX(SoftmaxCV()))
+        ...     sg.factor("f", -jnp.sum((c / 4 - 0.45) ** 2))
+        >>> params = sg.init_params(0, categorical)
+        >>> grads = jax.grad(sg.Expectation(num_particles=2).loss, argnums=1)(
+        ...     jax.random.key(0), params, categorical)
+        >>> grads["logits"].shape, sorted(grads["c$control_variate"])
+        ((4, 5), ['Dense_0', 'Dense_1', 'log_temperature'])
     """
 
     control_variate: Any
     inputs: Any = dataclasses.field(default=None, repr=False)
+
+    _categorical = True
 
     def __post_init__(self):
         module = self.control_variate
@@ -326,7 +473,10 @@ class RELAX(_Relaxed):
         return (z,) if self.inputs is None else (z, inputs)
 
     def init_params(self, rng_key: jax.Array, msg: dict) -> dict:
-        z = jnp.zeros(jnp.shape(msg["value"]), jnp.float32)
+        shape = jnp.shape(msg["value"])
+        if _is_categorical(msg["fn"]):  # the relaxed sample has the classes last
+            shape = (*shape, categorical_logits(msg["fn"])[0].shape[-1])
+        z = jnp.zeros(shape, jnp.float32)
         inputs = jax.tree.map(
             lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x))
             if isinstance(x, jax.core.Tracer) else jax.lax.stop_gradient(x), self.inputs)

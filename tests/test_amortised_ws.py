@@ -192,6 +192,10 @@ def test_held_out_selection_runs_inside_the_loss(gaussian_data):
     assert min(abs(float(metrics["bandwidth"]) / float(median) - s) for s in scales) < 0.2
     g = estimated_grad(objective, linear_gaussian, params, x, jax.random.key(1))
     assert np.all(np.isfinite(np.asarray(g)))
+    # without held-out dreams, one bandwidth multiple scales the median
+    half = AmortisedWakeSleep(100, bandwidth_scales=(0.5,)).loss_with_state(
+        jax.random.key(0), params, None, linear_gaussian, x)[1][1]["bandwidth"]
+    assert float(half) == pytest.approx(0.5 * float(median), rel=1e-5)
 
 
 def test_held_out_arguments_are_checked():
@@ -218,8 +222,8 @@ def test_kernel_ridge_weights_reproduce_the_regression():
 def test_joint_at_data_learns_a_noise_scale_plain_regression_misses():
     # x_n in R^16 from a two-component mixture with a learned noise scale s. Dreams come from
     # the current s, so their d f_n / d s average zero whatever the data: plain regression
-    # underestimates the exact d log p / d s; evaluating the dreams' joint at the real x
-    # (KRR_2 for this exponential-family likelihood) recovers it.
+    # (scale_at_data=False) underestimates the exact d log p / d s; evaluating the dreams'
+    # joint at the real x (KRR_2 for this exponential-family likelihood) recovers it.
     dim = 16
 
     def model(x):
@@ -248,7 +252,7 @@ def test_joint_at_data_learns_a_noise_scale_plain_regression_misses():
             lambda p: objective.loss(k, p, model, x))(params)["s"]))(keys)
         return float(grads.mean()), float(grads.std(ddof=1) / np.sqrt(len(keys)))
 
-    plain, plain_se = ds(AmortisedWakeSleep(200))
+    plain, plain_se = ds(AmortisedWakeSleep(200, scale_at_data=False))
     joint, joint_se = ds(AmortisedWakeSleep(200, joint_at_data=True))
     # measured per point (x 50 here): plain 7.17 +- 0.17, joint 9.19 +- 0.33, exact 8.61
     assert abs(joint - exact) < max(4 * joint_se, 0.1 * abs(exact)), (joint, joint_se, exact)
@@ -267,3 +271,45 @@ def test_loss_is_on_the_scale_of_the_whole_data_set():
     rel = float(jnp.linalg.norm(estimate - exact) / jnp.linalg.norm(exact))
     # measured 0.040; a mean over the points would be off by a factor 20 (rel 0.95)
     assert rel < 0.1, rel
+
+
+LG_DIM = 16
+LG_W = 0.3 * jax.random.normal(jax.random.key(11), (LG_DIM, 2))
+
+
+def linear_gaussian_noise(x):
+    """``x = W z + s e`` in 16 dimensions, ``z ~ N(0, I_2)``, the noise scale ``s`` learned."""
+    log_s = sg.param("log_s", jnp.log(0.5))
+    with sg.plate("data", x.shape[0]):
+        z = sg.sample("z", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
+        sg.sample("x", dist.Normal(z @ LG_W.T, jnp.exp(log_s)).to_event(1), obs=x)
+
+
+def test_normal_noise_scale_gradient_against_the_exact_one():
+    """d log p(X) / d log s of a linear-Gaussian model, data noisier than the model (0.7
+    against s = 0.5): exact from ``log p(x) = log N(x; 0, W W^T + s^2 I)``. The option
+    (``scale_at_data=True``: the scale's gradient from the exponential-family form at the
+    data, ``sum_n a_mn ||x_m - W z_n||^2 / s^2 - D``) is close; plain regression of the dreams'
+    ``d f_n / d log s = ||x_n - W z_n||^2 / s^2 - D`` (``scale_at_data=False``) is far below,
+    since it hardly sees how far the data lie from the model's mean."""
+    zx = jax.random.normal(jax.random.key(12), (50, 2))
+    x = zx @ LG_W.T + 0.7 * jax.random.normal(jax.random.key(13), (50, LG_DIM))
+    params = {"log_s": jnp.log(0.5)}
+
+    def log_marginal(p):
+        cov = LG_W @ LG_W.T + jnp.exp(2.0 * p["log_s"]) * jnp.eye(LG_DIM)
+        return dist.MultivariateNormal(jnp.zeros(LG_DIM), cov).log_prob(x).sum()
+
+    exact = float(jax.grad(log_marginal)(params)["log_s"])  # 718 (14.4 per point)
+    at_data, plain = AmortisedWakeSleep(400, scale_at_data=True), AmortisedWakeSleep(400)
+
+    def both(key):
+        return jnp.stack([jax.grad(lambda p, o=o: -o.loss(key, p, linear_gaussian_noise, x))(
+            params)["log_s"] for o in (at_data, plain)])
+
+    keys = jax.random.split(jax.random.key(0), 6)
+    grads = np.asarray(jax.jit(jax.vmap(both))(keys))
+    mean, se = grads.mean(0), grads.std(0, ddof=1) / np.sqrt(len(keys))
+    # measured (8 keys): at the data 788 +- 41, plain 463 +- 13, exact 718
+    assert abs(mean[0] - exact) < max(4 * se[0], 0.15 * exact), (mean, se, exact)
+    assert exact - mean[1] > max(4 * se[1], 0.25 * exact), (mean, se, exact)

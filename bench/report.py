@@ -16,6 +16,12 @@ Sections:
   NumPyro's TraceGraph_ELBO, interleaved rounds, paired ratios);
 - ``estimators``: ``bench/bench_estimators.py`` (the linear and the nonlinear binary VAE
   trained with every estimator: held-out ELBO, gradient variance, time per step, over seeds);
+- ``categorical_vae``: ``bench/bench_categorical_vae.py`` (the categorical VAE, 20 latents of
+  10 classes, linear and nonlinear, and the 2 x 10 "small domain" as one joint Categorical,
+  trained with every estimator: held-out ELBO and importance-sampled bound, gradient variance,
+  time per step, over seeds; kept per configuration in ``bench/results/categorical_vae/``,
+  ``--categorical`` re-runs a few), followed by the hand-written
+  ``bench/notes/categorical_vae.md`` (the published numbers and how the settings differ);
 - ``examples``: every script in ``examples/`` with its default flags; a table of its numbers
   and its main figures per example (each kept in ``bench/results/examples/<name>.md``, so
   ``--examples`` re-runs a few and keeps the others). Hand-written notes on an example
@@ -47,7 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 NOTES = ROOT / "bench" / "notes"  #: hand-written notes per example, ``<name>.md``
-SECTIONS = ("step", "estimators", "examples")
+SECTIONS = ("step", "estimators", "categorical_vae", "examples")
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -102,6 +108,41 @@ def run_estimators(quick: bool, results: Path, architectures: Sequence[str] | No
         parts += [f"### {heading}", "", text.strip(), ""]
         if (figures / f"{stem}.png").exists():
             parts += [f"![{heading}](figures/{stem}.png)", ""]
+    return "\n".join(parts)
+
+
+#: the categorical VAEs of the categorical_vae section: name -> (bench flags, heading)
+CATEGORICAL: dict[str, tuple[list[str], str]] = {
+    "linear": ([], "Linear categorical VAE (784-200-784, 20 x Categorical(10))"),
+    "nonlinear": (["--architecture", "nonlinear"],
+                  "Nonlinear categorical VAE (784-512-256-200 / 200-256-512-784, LeakyReLU)"),
+    "small": (["--latent-dims", "2", "--joint", "--estimators", "score", "rloo", "unordered",
+               "sas"],
+              "Small domain: 2 x Categorical(10) as one Categorical over 100 classes (linear)"),
+}
+
+
+def run_categorical(quick: bool, results: Path, configs: Sequence[str] | None = None) -> str:
+    """``bench_categorical_vae.py``'s tables for the configurations ``configs`` of
+    :data:`CATEGORICAL` (default: all; the others keep their last results in
+    ``results/categorical_vae/``), each with its plot, then ``bench/notes/categorical_vae.md``."""
+    bench = load(ROOT / "bench" / "bench_categorical_vae.py")
+    saved = results / "categorical_vae"
+    parts = []
+    for name, (flags, heading) in CATEGORICAL.items():
+        args = bench.parse_args(flags)
+        stem = bench.output_stem(args.architecture, args.latent_dims, args.joint)
+        if configs is None or name in configs:
+            bench.main(["--out", str(saved), *flags] + (["--quick"] * quick))
+        text = ((saved / f"{stem}.md").read_text() if (saved / f"{stem}.md").exists() else
+                f"(not measured yet: `python bench/report.py --sections categorical_vae "
+                f"--categorical {name}`)")
+        parts += [f"### {heading}", "", text.strip(), ""]
+        if (saved / f"{stem}.png").exists():
+            parts += [f"![{heading}](categorical_vae/{stem}.png)", ""]
+    notes = NOTES / "categorical_vae.md"
+    if notes.exists():
+        parts.append(notes.read_text().strip() + "\n")
     return "\n".join(parts)
 
 
@@ -367,11 +408,13 @@ def run_examples(quick: bool, results: Path, names: Sequence[str] | None = None)
 
 
 RUNNERS: dict[str, Callable[[bool, Path], str]] = {
-    "step": run_step, "estimators": run_estimators, "examples": run_examples,
+    "step": run_step, "estimators": run_estimators, "categorical_vae": run_categorical,
+    "examples": run_examples,
 }
 TITLES = {
     "step": "Step time: scgjax vs hand-written JAX vs NumPyro",
     "estimators": "Estimators on the binary VAE",
+    "categorical_vae": "Estimators on the categorical VAE",
     "examples": "Examples",
 }
 
@@ -402,7 +445,8 @@ def build_report(results: Path, output: Path) -> str:
         if not path.exists():
             lines += [f"(not measured yet: `python bench/report.py --sections {section}`)", ""]
             continue
-        text = path.read_text().strip().replace("](figures/", f"]({prefix}/figures/")
+        text = (path.read_text().strip().replace("](figures/", f"]({prefix}/figures/")
+                .replace("](categorical_vae/", f"]({prefix}/categorical_vae/"))
         lines += [text, ""]
         if (results / f"{section}.png").exists() and f"/{section}.png)" not in text:
             lines += [f"![{section}]({prefix}/{section}.png)", ""]
@@ -420,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--architectures", nargs="*", choices=list(ARCHITECTURES), default=None,
                    help="with the estimators section: re-run only these binary VAEs (default: "
                    "both; none: reassemble the section from the saved results)")
+    p.add_argument("--categorical", nargs="*", choices=list(CATEGORICAL), default=None,
+                   help="with the categorical_vae section: re-run only these configurations "
+                   "(default: all; none: reassemble the section from the saved results)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps each")
     p.add_argument("--output", type=Path, default=None,
                    help="the report (default: BENCHMARKS.md; with --quick, "
@@ -439,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             text = run_examples(args.quick, results, args.examples)
         elif section == "estimators":
             text = run_estimators(args.quick, results, args.architectures)
+        elif section == "categorical_vae":
+            text = run_categorical(args.quick, results, args.categorical)
         else:
             text = RUNNERS[section](args.quick, results)
         (results / f"{section}.md").write_text(text.strip() + "\n")

@@ -108,7 +108,10 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            steps = sg.Checkpoints(folder).latest_step() if os.path.isdir(folder) else None
+            try:
+                steps = sg.Checkpoints(folder).latest_step() if os.path.isdir(folder) else None
+            except OSError:  # a step folder pruned by the writer while orbax listed them
+                steps = None
             if steps is not None and steps >= 5:
                 break
             assert proc.poll() is None, "the training process stopped by itself"

@@ -206,8 +206,17 @@ def test_estimators_that_average_the_particles_are_refused_below():
             sg.sample("b", dist.Bernoulli(logits=BIAS[z]), estimator=sg.DisARM())
 
     params = sg.init_params(0, below_model, guide)
-    with pytest.raises(SiteError, match="'b'.*DisARM.*below the site 'z'.*RLOO"):
+    with pytest.raises(SiteError, match="'b'.*DisARM.*downstream of the site 'z'.*RLOO"):
         sg.ELBO(num_particles=2).loss(jax.random.key(0), params, below_model, guide)
+
+    def beside():  # b does not depend on z, but the likelihood depends on both
+        with sg.plate("n", 3):
+            sg.sample("z", dist.Categorical(logits=jnp.zeros(5)), estimator=sg.UnorderedSet())
+            sg.sample("u", dist.Normal(0.0, 1.0))
+            sg.sample("b", dist.Bernoulli(logits=0.3), estimator=sg.DisARM())
+
+    with pytest.raises(SiteError, match="'b'.*DisARM.*downstream of the site 'z'"):
+        sg.ELBO(num_particles=2).loss(jax.random.key(0), params, below_model, beside)
 
 
 def test_cost_outside_the_plate_is_refused():

@@ -157,8 +157,9 @@ class UnorderedSet(Estimator):
     leave-one-out baseline instead (unbiased when the parents are drawn independently per
     particle). Refused, naming the site (the weights would bias them): a cost downstream
     that is outside one of the site's plates, a cost below two such sites, a site inside an
-    ``sg.scan`` loop, and below the site an estimator whose term assumes the particles' plain
-    mean (DisARM, DCV, RELAX, ...; RLOO, ScoreFunction and reparameterised estimators are
+    ``sg.scan`` loop, and, at another site whose costs are also downstream of this one
+    (below it or beside it), an estimator whose term assumes the particles' plain mean
+    (DisARM, DCV, RELAX, ...; RLOO, ScoreFunction and reparameterised estimators are
     fine). The surrogate term is first-order.
 
     Example:

@@ -105,8 +105,9 @@ def check_particle_weights(scg: SCG, weighing: list[str]) -> None:
     """Raise a :class:`SiteError` where weighing the costs downstream of the sites
     ``weighing`` (their estimators' ``weights_particles``) per particle would be biased: a
     cost outside one of the site's plates (its elements' weights do not factor), a cost
-    below two such sites, a site in an ``sg.scan`` loop, or a site below one whose
-    estimator's term assumes the particles' plain mean (see ``Estimator.zero_mean_term``)."""
+    below two such sites, a site in an ``sg.scan`` loop, or another site credited with the
+    same costs (below it, or beside it) whose estimator's term assumes the particles' plain
+    mean (see ``Estimator.zero_mean_term``)."""
     for w in weighing:
         node = scg.nodes[w]
         name = type(node.estimator).__name__
@@ -128,10 +129,14 @@ def check_particle_weights(scg: SCG, weighing: list[str]) -> None:
                 raise SiteError(w, f"uses {name}, which weighs its particles, and so does "
                                 f"'{others[0]}', upstream of the same cost '{cost.site}': "
                                 "only one such site may be upstream of a cost")
-        for v in scg.descendants(w):
+        mine = set(scg.credited_costs(w))
+        for v in scg.nodes:
             est = scg.nodes[v].estimator
+            if v == w or not mine & set(scg.credited_costs(v)):
+                continue
             if est.enumerates or (est.uses_signal and not est.zero_mean_term):
-                raise SiteError(v, f"uses {type(est).__name__}, below the site '{w}', whose "
-                                f"{name} weighs the particles unequally; "
-                                f"{type(est).__name__} averages its particles equally: use "
-                                "RLOO(), ScoreFunction() or a reparameterised estimator here")
+                raise SiteError(v, f"uses {type(est).__name__}, whose costs are also "
+                                f"downstream of the site '{w}': its {name} weighs the "
+                                f"particles unequally, and {type(est).__name__} averages "
+                                "its particles equally: use RLOO(), ScoreFunction() or a "
+                                "reparameterised estimator here")

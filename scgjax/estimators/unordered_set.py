@@ -125,8 +125,33 @@ def set_weights(logp: jax.Array, logp_rest: jax.Array) -> tuple[jax.Array, jax.A
     return w, m
 
 
+class _WeighedCategorical(Estimator):
+    """What :class:`UnorderedSet` and :class:`SumAndSample` share: score estimators of a
+    Categorical site whose particles are not drawn independently, weighed per particle."""
+
+    score = True
+    couples_particles = True
+    weights_particles = True
+
+    def bound_refusal(self) -> str:
+        return (f"uses {type(self).__name__}, whose weights estimate an expectation per "
+                "element, not a multi-sample bound; use VIMCO() under IWAE, or "
+                f"{type(self).__name__} under ELBO or Expectation")
+
+
+def _require_categorical(estimator: Estimator, name: str, fn: Any) -> int:
+    """The number of classes of a Categorical site; a :class:`SiteError` naming the site
+    for any other distribution."""
+    parts = categorical_logits(fn)
+    if parts is None:
+        raise SiteError(name, f"uses {type(estimator).__name__}, which needs a Categorical "
+                        "distribution (probs or logits, possibly wrapped by .expand/.mask), "
+                        f"not {type(fn).__name__}")
+    return parts[0].shape[-1]
+
+
 @dataclasses.dataclass(frozen=True)
-class UnorderedSet(Estimator):
+class UnorderedSet(_WeighedCategorical):
     """The unordered set estimator with its built-in baseline (Kool, van Hoof & Welling,
     "Estimating gradients for discrete random variables by sampling without replacement",
     ICLR 2020), for Categorical sites, per plate element.
@@ -178,25 +203,9 @@ class UnorderedSet(Estimator):
         [-0.4444, -0.1111, 0.5556]
     """
 
-    score = True
-    couples_particles = True
-    weights_particles = True
-
-    def bound_refusal(self) -> str:
-        return ("uses UnorderedSet, whose weights estimate an expectation per element, not a "
-                "multi-sample bound; use VIMCO() under IWAE, or UnorderedSet() under ELBO or "
-                "Expectation")
-
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
-        parts = categorical_logits(fn)
-        if parts is None:
-            raise SiteError(
-                name,
-                "uses UnorderedSet, which needs a Categorical distribution (probs or logits, "
-                f"possibly wrapped by .expand/.mask), not {type(fn).__name__}",
-            )
+        classes = _require_categorical(self, name, fn)
         require_particles(self, name, num_particles, 2)
-        classes = parts[0].shape[-1]
         if num_particles > classes:
             raise SiteError(
                 name,
@@ -288,7 +297,7 @@ def _distinct(s: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class SumAndSample(Estimator):
+class SumAndSample(_WeighedCategorical):
     """Sum-and-sample (Liu et al., "Rao-Blackwellized stochastic gradients for discrete
     distributions", ICML 2019; Kool et al. 2020): per plate element, particles ``0 .. k-2``
     take the ``k - 1`` most probable classes ``T`` (summed exactly) and the other
@@ -328,28 +337,13 @@ class SumAndSample(Estimator):
     """
 
     k: int = 2
-    score = True
-    couples_particles = True
-    weights_particles = True
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
             raise TypeError(f"SumAndSample(k) needs an int k >= 1, got {self.k!r}")
 
-    def bound_refusal(self) -> str:
-        return ("uses SumAndSample, whose weights estimate an expectation per element, not a "
-                "multi-sample bound; use VIMCO() under IWAE, or SumAndSample(k) under ELBO or "
-                "Expectation")
-
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
-        parts = categorical_logits(fn)
-        if parts is None:
-            raise SiteError(
-                name,
-                "uses SumAndSample, which needs a Categorical distribution (probs or logits, "
-                f"possibly wrapped by .expand/.mask), not {type(fn).__name__}",
-            )
-        classes = parts[0].shape[-1]
+        classes = _require_categorical(self, name, fn)
         if self.k > classes:
             raise SiteError(name, f"uses SumAndSample(k={self.k}), which sums over k - 1 "
                             f"classes and samples from the rest: needs k <= {classes}, the "

@@ -153,7 +153,9 @@ def train_one(setup: Setup, args: argparse.Namespace, data: common.Data, seed: i
     keys = seed_keys(seed)
     batches = common.Batches(data.train, args.batch_size, keys["batches"])
     batch = batches()
-    state = setup.svi.init(keys["svi"], batch, init_params_=params0)
+    # the shared initial params, plus the estimator's own (e.g. RELAX's control variate)
+    own = sg.init_params(keys["svi"], setup.model, setup.guide, batch)
+    state = setup.svi.init(keys["svi"], batch, init_params_={**own, **params0})
     eval_steps: list[int] = []
     variance: list[float] = []
 

@@ -25,7 +25,7 @@ def test_estimator_names_and_particle_counts_are_checked(cvae):
     with pytest.raises(ValueError, match="unknown estimator 'nope'"):
         cvae.make_estimator("nope")
     with pytest.raises(ValueError, match="not available yet"):
-        cvae.make_estimator("relax")
+        cvae.make_estimator("mvd")
     with pytest.raises(ValueError, match="<= 6"):
         cvae.make_estimator("unordered", 7)
     with pytest.raises(ValueError, match=">= 2"):

@@ -89,7 +89,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 
 # Preferred order of the estimators in tables and plots; names not listed come after them, in
 # registration order.
-ORDER = ("reinforce", "score", "rloo", "dcv", "disarm", "gumbel", "st")
+ORDER = ("reinforce", "score", "rloo", "dcv", "disarm", "rebar", "relax", "rodeo", "gumbel",
+         "st")
 REFERENCE = "rloo"
 
 #: Benchmark-local "plain REINFORCE": the score function with no baseline.

@@ -146,6 +146,18 @@ class EstimatorChoice:
     description: str = ""
 
 
+class RelaxControlVariate(nn.Module):
+    """RELAX's control variate ``c_phi(z)`` of an image's 200 latents: their logistic
+    relaxation through a small tanh MLP, one value per image (Grathwohl et al. 2018 use a
+    network of ``z`` too)."""
+
+    hidden: int = 64
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return nn.Dense(1)(nn.tanh(nn.Dense(self.hidden)(jax.nn.sigmoid(z))))[..., 0]
+
+
 ESTIMATORS: dict[str, EstimatorChoice] = {
     "score": EstimatorChoice(
         lambda: sg.ScoreFunction(baseline=sg.baselines.MovingAverage(0.9)),
@@ -159,6 +171,17 @@ ESTIMATORS: dict[str, EstimatorChoice] = {
     "disarm": EstimatorChoice(
         sg.DisARM, default_particles=2, min_particles=2,
         description="antithetic pairs of particles (K even)"),
+    "rebar": EstimatorChoice(
+        lambda: sg.REBAR(), default_particles=2, min_particles=2,
+        description="REBAR with its control variate relaxed to first order around the other "
+        "particles (not the paper's f(sigma_lambda(z))); eta and the temperature trained"),
+    "relax": EstimatorChoice(
+        lambda: sg.RELAX(RelaxControlVariate()), default_particles=2, min_particles=1,
+        description="RELAX: a learned control variate on the relaxed latents, trained in the "
+        "same step on the gradient's variance; leave-one-out baseline at K >= 2"),
+    "rodeo": EstimatorChoice(
+        sg.RODEO, default_particles=2, min_particles=2,
+        description="RODEO: discrete Stein-operator control variates (Shi et al. 2022)"),
     "gumbel": EstimatorChoice(
         lambda: sg.GumbelSoftmax(0.5),
         description="Gumbel-softmax / Concrete relaxation at temperature 0.5 (biased)"),

@@ -264,3 +264,30 @@ def scan_chain_paths(ys, v):
             ys[t], 2.0 * z - 1.0, 1.0)
         prev = z
     return lq, lp
+
+
+# --- a 2-bit event block per element of a data plate (the DCV and RODEO tests) -------------
+
+
+def block_model(x, y):
+    a = sg.param("A", jnp.array([[1.5, -1.0, 0.5], [-0.5, 2.0, 1.0]]))
+    with sg.plate("data", x.shape[0]):
+        z = sg.sample("z", dist.Bernoulli(logits=jnp.zeros(2)).to_event(1))
+        sg.sample("y", dist.Normal(jnp.tanh(z @ a) * 2.0, 1.0).to_event(1), obs=y)
+
+
+def block_guide(x, y, estimator=None):
+    v = sg.param("V", jnp.array([[0.8, -0.4], [0.0, 0.6], [-0.5, 0.3]]))
+    d = sg.param("d", jnp.zeros(2))
+    with sg.plate("data", x.shape[0]):
+        sg.sample("z", dist.Bernoulli(logits=x @ v + d).to_event(1), estimator=estimator)
+
+
+def block_exact(p, x, y):
+    """The ELBO of :func:`block_model` / :func:`block_guide`, the 4 values of each block
+    enumerated."""
+    z = _configs(2)  # (4, 2)
+    lq = bern_logp(z[:, None], x @ p["V"] + p["d"]).sum(-1)  # (4, N)
+    lp = (bern_logp(z, 0.0).sum(-1)[:, None]
+          + normal_logp(y, jnp.tanh(z @ p["A"])[:, None] * 2.0, 1.0).sum(-1))
+    return jnp.sum(jnp.exp(lq) * (lp - lq))

@@ -115,26 +115,9 @@ X_C = np.asarray(jax.random.normal(jax.random.key(31), (N_C, 3)), dtype=np.float
 Y_C = np.asarray(jax.random.normal(jax.random.key(32), (N_C, 3)) + 0.5, dtype=np.float32)
 
 
-def plated_model(x, y):
-    a = sg.param("A", jnp.array([[1.5, -1.0, 0.5], [-0.5, 2.0, 1.0]]))
-    with sg.plate("data", x.shape[0]):
-        z = sg.sample("z", dist.Bernoulli(logits=jnp.zeros(2)).to_event(1))
-        sg.sample("y", dist.Normal(jnp.tanh(z @ a) * 2.0, 1.0).to_event(1), obs=y)
-
-
-def plated_guide(x, y):
-    v = sg.param("V", jnp.array([[0.8, -0.4], [0.0, 0.6], [-0.5, 0.3]]))
-    d = sg.param("d", jnp.zeros(2))
-    with sg.plate("data", x.shape[0]):
-        sg.sample("z", dist.Bernoulli(logits=x @ v + d).to_event(1), estimator=DCV())
-
-
-def plated_exact(p, x, y):
-    z = _configs(2)  # (4, 2)
-    lq = bern_logp(z[:, None], x @ p["V"] + p["d"]).sum(-1)  # (4, N)
-    lp = (bern_logp(z, 0.0).sum(-1)[:, None]
-          + normal_logp(y, jnp.tanh(z @ p["A"])[:, None] * 2.0, 1.0).sum(-1))
-    return jnp.sum(jnp.exp(lq) * (lp - lq))
+plated_model = models.block_model
+plated_guide = functools.partial(models.block_guide, estimator=DCV())
+plated_exact = models.block_exact
 
 
 def test_unbiased_event_block_in_plate(k=3):

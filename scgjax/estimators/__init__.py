@@ -11,6 +11,7 @@ from scgjax.estimators.detached import Detached
 from scgjax.estimators.disarm import ARM, DisARM
 from scgjax.estimators.dreg import DReG
 from scgjax.estimators.enumerate import Enumerate
+from scgjax.estimators.measure_valued import MeasureValued
 from scgjax.estimators.pathwise import Pathwise
 from scgjax.estimators.relax import REBAR, RELAX
 from scgjax.estimators.relaxation import GumbelSoftmax, StraightThrough
@@ -23,8 +24,8 @@ from scgjax.estimators.vimco import VIMCO
 
 __all__ = [
     "ARM", "DCV", "DReG", "Detached", "DisARM", "Enumerate", "Estimator", "GumbelSoftmax",
-    "Pathwise", "REBAR", "RELAX", "RLOO", "RODEO", "STL", "ScoreContext", "ScoreFunction",
-    "StraightThrough", "SumAndSample", "UnorderedSet", "VIMCO",
+    "MeasureValued", "Pathwise", "REBAR", "RELAX", "RLOO", "RODEO", "STL", "ScoreContext",
+    "ScoreFunction", "StraightThrough", "SumAndSample", "UnorderedSet", "VIMCO",
     "default_estimator",
     "magic_box",
 ]

@@ -66,6 +66,10 @@ class ScoreContext:
         collected: whatever :meth:`Estimator.collect` returned inside each particle, stacked.
         signal_grad: ``dQ_w / dw`` at the sampled values, same shape as ``value`` (the cost as
             a function of a real-valued ``w``), when the estimator sets ``needs_signal_grad``.
+        signal_at: ``Q_w`` as a function of the site's values, ``(K, *value_shape) -> (K,
+            *plates)``: the program run again with the site's value replaced (the same keys,
+            the program's parameters gradient-stopped; differentiable in the values), when the
+            estimator sets ``needs_signal_at`` (:mod:`scgjax.objectives.rerun`).
         params: this estimator's trainable parameters (see :meth:`Estimator.init_params`).
         to_value_layout: maps a ``(K, *plates)`` array to one that broadcasts against ``value``
             (:meth:`scgjax.layout.SiteLayout.to_value`; the identity by default).
@@ -80,6 +84,7 @@ class ScoreContext:
     value: jax.Array | None = None
     collected: Any = None
     signal_grad: jax.Array | None = None
+    signal_at: Callable[[jax.Array], jax.Array] | None = None
     params: Any = None
     to_value_layout: Callable[[jax.Array], jax.Array] = _identity
     from_value_layout: Callable[[jax.Array], jax.Array] = _identity
@@ -96,6 +101,10 @@ class Estimator:
         uses_signal: :meth:`surrogate_term` is called for the site (default: ``score``).
         needs_signal_grad: the context carries ``dQ/dw`` at the sample (for Taylor control
             variates).
+        needs_signal_at: the context carries ``signal_at``, ``Q_w`` at other values of the
+            site (each call runs the program once more; for measure-valued derivatives and
+            REBAR's relaxed control variate). Only for objectives with a per-particle learning
+            signal, and not in an ``sg.scan`` loop.
         enumerates: the site is summed over its support instead of sampled (every element set
             to each support value in turn, weighted by its probability).
         bound_signal: how the site's score is weighted under a multi-sample bound
@@ -125,6 +134,7 @@ class Estimator:
     reparameterised: bool = False
     score: bool = True
     needs_signal_grad: bool = False
+    needs_signal_at: bool = False
     enumerates: bool = False
     bound_signal: str | None = None
     importance_weighted: bool = False

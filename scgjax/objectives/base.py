@@ -15,6 +15,7 @@ from scgjax.estimators import default_estimator
 from scgjax.estimators.base import PARTICLE_AXIS
 from scgjax.objectives import enumeration, program
 from scgjax.objectives import marginal as marginalisation
+from scgjax.objectives import rerun as rerun_signals
 from scgjax.objectives.surrogate import dice_surrogate
 from scgjax.scg import SCG
 
@@ -24,7 +25,8 @@ class Evaluation(NamedTuple):
 
     ``logq`` (signal-using nodes) and ``costs`` hold ``(K, *plates)`` arrays in the canonical
     plate layout; ``extras`` each node's values and collected arrays; ``signal_grads`` the
-    ``dQ/dw`` of the nodes whose estimator asked for it.
+    ``dQ/dw`` of the nodes whose estimator asked for it; ``signal_at`` their ``Q_w`` as a
+    function of their values (:mod:`scgjax.objectives.rerun`), for those that asked for it.
     """
 
     structure: program.Structure
@@ -32,6 +34,7 @@ class Evaluation(NamedTuple):
     costs: dict
     extras: dict
     signal_grads: dict
+    signal_at: dict = {}
 
 
 class Objective:
@@ -115,7 +118,8 @@ class Objective:
         signals: dict | None = {} if self.record_signals else None
         surrogate, estimate, new_state = dice_surrogate(
             evaluation.structure, evaluation.logq, evaluation.costs, evaluation.extras,
-            evaluation.signal_grads, params, state, signals=signals)
+            evaluation.signal_grads, params, state, signals=signals,
+            signal_at=evaluation.signal_at)
         metrics = {"objective": estimate}
         if signals is not None:
             metrics["learning_signals"] = signals
@@ -129,7 +133,20 @@ class Objective:
         n = 1 if self.kind == program.SINGLE else 2
         particles = self._particles(structure, handlers.as_prng_key(rng_key), params,
                                     fns_and_args[:n], fns_and_args[n:], kwargs)
-        probed = _probed_nodes(structure.scg)
+        evaluation = self._evaluate_particles(structure, particles,
+                                              _probed_nodes(structure.scg))
+        if not any(node.estimator.needs_signal_at for node in structure.scg.nodes.values()):
+            return evaluation
+        # the same particles, the program's parameters fixed: Q_w at other values of w
+        rerun = self._particles(structure, handlers.as_prng_key(rng_key),
+                                jax.lax.stop_gradient(params), fns_and_args[:n],
+                                fns_and_args[n:], kwargs)
+        return evaluation._replace(signal_at=rerun_signals.signal_evaluators(
+            structure, rerun, evaluation.extras))
+
+    def _evaluate_particles(self, structure: program.Structure, particles: Callable,
+                            probed: list[str]) -> Evaluation:
+        """The particles' arrays, with ``dQ/dw`` of the ``probed`` nodes (one ``vjp``)."""
         if not probed:
             return Evaluation(structure, *particles({}), {})
         nodes = structure.scg.nodes

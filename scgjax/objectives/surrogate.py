@@ -20,6 +20,7 @@ For a sampled guide site, one more zero-valued term, ``sum (box(log q(w)) - 1) *
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,7 +36,8 @@ from scgjax.tracegraph import Structure
 def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
                    costs: dict[str, jax.Array], extras: dict[str, dict],
                    signal_grads: dict[str, jax.Array], params: dict, state: dict[str, Any],
-                   signals: dict[str, jax.Array] | None = None
+                   signals: dict[str, jax.Array] | None = None,
+                   signal_at: dict[str, Callable] | None = None
                    ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
     """Return ``(surrogate, objective estimate, new estimator state)``; the estimate is the
     surrogate's value before the estimators' zero-valued terms, averaged over particles.
@@ -43,16 +45,16 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
     ``logq`` and ``costs`` hold arrays of shape ``(K, *plates)``; ``extras`` each signal
     node's values and collected arrays; ``signal_grads`` ``dQ/dw`` for the nodes that asked;
     ``state`` the estimator state of each node (missing entries start from
-    ``estimator.init_state()``). ``signals``, if given, receives each node's ``Q_w``.
+    ``estimator.init_state()``). ``signals``, if given, receives each node's ``Q_w``;
+    ``signal_at`` holds ``Q_w`` as a function of ``w``'s values for the nodes whose estimator
+    asked for it (:mod:`scgjax.objectives.rerun`).
     """
     scg = structure.scg
     k = structure.num_particles
     contexts = {}
     for w in logq:
         node = scg.nodes[w]
-        signal = jnp.zeros_like(logq[w])
-        for cid, keep in scg.credit[w]:
-            signal = signal + reduce_to(costs[cid], keep)
+        signal = learning_signal(scg, w, costs, logq[w])
         if signals is not None:
             signals[w] = jax.lax.stop_gradient(signal)
         layout = node.layout(structure.plate_order)
@@ -66,6 +68,7 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
             value=extras[w]["value"],
             collected=extras[w]["collected"],
             signal_grad=signal_grads.get(w),
+            signal_at=(signal_at or {}).get(w),
             params={n[len(prefix):]: v for n, v in params.items() if n.startswith(prefix)},
             to_value_layout=layout.to_value,
             from_value_layout=layout.from_value,
@@ -99,6 +102,16 @@ def dice_surrogate(structure: Structure, logq: dict[str, jax.Array],
             shift = extras[w]["own_cost_shift"]  # (K, *plates): its own cost is weighed too
             surrogate = surrogate + (shift * (k * weights[w]) if w in weights else shift).sum() / k
     return surrogate, jax.lax.stop_gradient(total / k if k > 1 else total), new_state
+
+
+def learning_signal(scg: SCG, w: str, costs: dict[str, jax.Array], log_q: jax.Array
+                    ) -> jax.Array:
+    """``Q_w``: the costs credited to node ``w``, reduced to its elements (:func:`reduce_to`
+    with the credit table's ``keep``), in the shape of its ``log_q`` (``(K, *plates)``)."""
+    signal = jnp.zeros_like(log_q)
+    for cid, keep in scg.credit[w]:
+        signal = signal + reduce_to(costs[cid], keep)
+    return signal
 
 
 def check_particle_weights(scg: SCG, weighing: list[str]) -> None:

@@ -15,13 +15,17 @@ Sections:
 - ``step``: ``bench/bench_step.py`` (one jitted SVI step of scgjax vs hand-written JAX vs
   NumPyro's TraceGraph_ELBO, interleaved rounds, paired ratios);
 - ``estimators``: ``bench/bench_estimators.py`` (the linear and the nonlinear binary VAE
-  trained with every estimator: held-out ELBO, gradient variance, time per step, over seeds);
+  trained with every estimator: held-out ELBO, gradient variance, time per step, over seeds),
+  followed by the published numbers beside ours (``bench/published.py``, also written to
+  ``bench/results/estimators/published.md`` for the documentation);
 - ``categorical_vae``: ``bench/bench_categorical_vae.py`` (the categorical VAE, 20 latents of
   10 classes, linear and nonlinear, and the 2 x 10 "small domain" as one joint Categorical,
   trained with every estimator: held-out ELBO and importance-sampled bound, gradient variance,
   time per step, over seeds; kept per configuration in ``bench/results/categorical_vae/``,
-  ``--categorical`` re-runs a few), followed by the hand-written
-  ``bench/notes/categorical_vae.md`` (the published numbers and how the settings differ);
+  ``--categorical`` re-runs a few), followed by the published numbers beside ours
+  (``bench/published.py``, also written to ``bench/results/categorical_vae/published.md``) and
+  the hand-written ``bench/notes/categorical_vae.md`` (how the settings differ, and why some
+  estimators are not run);
 - ``examples``: every script in ``examples/`` with its default flags; a table of its numbers
   and its main figures per example (each kept in ``bench/results/examples/<name>.md``, so
   ``--examples`` re-runs a few and keeps the others). Hand-written notes on an example
@@ -58,6 +62,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "examples"))
 
 from _machine import machine_info  # noqa: E402  (after the path setup)
+from published import published_markdown  # noqa: E402
 
 
 def load(path: Path) -> ModuleType:
@@ -91,7 +96,8 @@ ARCHITECTURES: dict[str, tuple[list[str], str]] = {
 def run_estimators(quick: bool, results: Path, architectures: Sequence[str] | None = None
                    ) -> str:
     """``bench_estimators.py``'s tables for the binary VAEs ``architectures`` (default: both;
-    the others keep their last results in ``results/estimators/``), each with its plot."""
+    the others keep their last results in ``results/estimators/``), each with its plot, then
+    the published numbers beside ours (:func:`published.published_markdown`)."""
     bench = load(ROOT / "bench" / "bench_estimators.py")
     figures = results / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -108,7 +114,17 @@ def run_estimators(quick: bool, results: Path, architectures: Sequence[str] | No
         parts += [f"### {heading}", "", text.strip(), ""]
         if (figures / f"{stem}.png").exists():
             parts += [f"![{heading}](figures/{stem}.png)", ""]
+    parts += [_published("binary", results, saved), ""]
     return "\n".join(parts)
+
+
+def _published(kind: str, results: Path, folder: Path) -> str:
+    """The published numbers beside ours for ``kind`` (``binary`` or ``categorical``), also
+    written without its heading to ``folder/published.md`` (the documentation pages include it
+    from there under their own heading)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "published.md").write_text(published_markdown(kind, results, heading=False))
+    return published_markdown(kind, results).strip()
 
 
 #: the categorical VAEs of the categorical_vae section: name -> (bench flags, heading)
@@ -125,7 +141,8 @@ CATEGORICAL: dict[str, tuple[list[str], str]] = {
 def run_categorical(quick: bool, results: Path, configs: Sequence[str] | None = None) -> str:
     """``bench_categorical_vae.py``'s tables for the configurations ``configs`` of
     :data:`CATEGORICAL` (default: all; the others keep their last results in
-    ``results/categorical_vae/``), each with its plot, then ``bench/notes/categorical_vae.md``."""
+    ``results/categorical_vae/``), each with its plot, then the published numbers beside ours
+    (:func:`published.published_markdown`) and ``bench/notes/categorical_vae.md``."""
     bench = load(ROOT / "bench" / "bench_categorical_vae.py")
     saved = results / "categorical_vae"
     parts = []
@@ -140,6 +157,7 @@ def run_categorical(quick: bool, results: Path, configs: Sequence[str] | None = 
         parts += [f"### {heading}", "", text.strip(), ""]
         if (saved / f"{stem}.png").exists():
             parts += [f"![{heading}](categorical_vae/{stem}.png)", ""]
+    parts += [_published("categorical", results, saved), ""]
     notes = NOTES / "categorical_vae.md"
     if notes.exists():
         parts.append(notes.read_text().strip() + "\n")

@@ -172,7 +172,7 @@ ESTIMATORS: dict[str, EstimatorChoice] = {
         sg.DisARM, default_particles=2, min_particles=2,
         description="antithetic pairs of particles (K even)"),
     "rebar": EstimatorChoice(
-        lambda: sg.REBAR(), default_particles=2, min_particles=2,
+        lambda: sg.REBAR(relaxation="first_order"), default_particles=2, min_particles=2,
         description="REBAR with its control variate relaxed to first order around the other "
         "particles (not the paper's f(sigma_lambda(z))); eta and the temperature trained"),
     "relax": EstimatorChoice(

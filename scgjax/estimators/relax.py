@@ -33,12 +33,11 @@ then moved with ``eta`` at fixed noise ``z - eta``), which is the same joint law
 noise first and ``b = H(z)``: the site's value is drawn by its distribution as usual.
 
 How ``f`` enters: ``f`` is the site's learning signal (the costs downstream of the site,
-credited per plate element). The objectives evaluate the costs at the drawn value only (plus
-their derivative ``df/db`` there, the probe of ``needs_signal_grad``), not at relaxed values,
-so :class:`REBAR` uses a *first-order* relaxation of ``f`` (see its docstring; it needs a
-real-valued ``b``, hence Bernoulli only) and :class:`RELAX` a learned network. Both are exact
-(unbiased) estimators; only the control variate differs from the papers'
-``f(sigma_lambda(z))`` in REBAR.
+credited per plate element). :class:`REBAR` evaluates it at the relaxed value
+``sigmoid(z / lambda)`` by running the program again (``ctx.signal_at``, the paper's control
+variate; or, with ``relaxation="first_order"``, relaxes ``f`` to first order from ``df/db`` at
+the other particles' draws, with no extra run), and :class:`RELAX` uses a learned network.
+Both are exact (unbiased) estimators for any control variate.
 """
 
 from __future__ import annotations
@@ -132,8 +131,8 @@ class _Relaxed(Estimator):
     def uses_signal(self) -> bool:
         return True
 
-    #: whether the estimator also serves Categorical sites (RELAX; REBAR's first-order
-    #: relaxation needs ``df/db`` at a real-valued Bernoulli value)
+    #: whether the estimator also serves Categorical sites (RELAX; REBAR's relaxation puts a
+    #: real value in place of a Bernoulli's bit)
     _categorical = False
 
     def validate(self, name: str, fn: Any, num_particles: int) -> None:
@@ -146,9 +145,10 @@ class _Relaxed(Estimator):
             if not self._categorical:
                 raise SiteError(name, f"uses {kind}, but its distribution is "
                                 f"{type(fn).__name__}; {kind} needs a Bernoulli site (its "
-                                "first-order relaxation differentiates the costs at a real "
-                                "value); for a Categorical use sg.RELAX(control_variate), "
-                                "sg.RLOO() or sg.ScoreFunction()")
+                                "relaxation evaluates the costs at a real value in place of "
+                                "the bit, where a Categorical's costs take a class index); "
+                                "for a Categorical use sg.RELAX(control_variate), "
+                                "sg.RLOO() or sg.MeasureValued()")
         elif self._categorical and bernoulli_parts(fn) is None:
             raise SiteError(name, f"uses {kind}, but its distribution is {type(fn).__name__}; "
                             f"{kind} needs a Bernoulli or a Categorical site "
@@ -265,25 +265,33 @@ def _categorical_parts(msg: dict) -> dict[str, jax.Array]:
 @dataclasses.dataclass(frozen=True)
 class REBAR(_Relaxed):
     """REBAR (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein, NeurIPS 2017) for Bernoulli
-    sites, with a first-order relaxation of the learning signal.
+    sites.
 
     Per particle ``k`` and element (notation of the module docstring)::
 
         g_k = [f_k - mean_{j != k} f_j - nu c_k(z~_k)] (b_k - theta_k)
               + nu d c_k(z_k)/d eta - nu d c_k(z~_k)/d eta,
-        c_k(z) = < gbar_{-k}, sigmoid(z / lambda) - theta_k >,
-        gbar_{-k} = mean_{j != k} df/db (b_j),
 
-    averaged over the ``K`` particles; the inner product runs over the dimensions ``f`` is one
-    number for (event dimensions), separately for every plate element. The paper's control
-    variate is ``c(z) = f(sigmoid(z / lambda))``, the downstream costs evaluated at the relaxed
-    value; the objectives here evaluate the costs at the drawn values only, so ``f`` is
-    relaxed to first order around the *other* particles' values (their gradients
-    ``df/db``, as in :class:`~scgjax.estimators.DCV`), which keeps ``c_k`` a continuous function
-    of ``z_k`` that does not depend on particle ``k``'s draw: the estimate is exactly unbiased
-    for every ``nu`` and ``lambda`` (the REBAR identity holds for any such ``c``); only the
-    variance reduction is that of a linear relaxation. ``nu = 0`` is RLOO; as ``lambda -> 0``
-    it tends to DCV's Taylor control variate.
+    averaged over the ``K`` particles (no leave-one-out baseline at ``K = 1``). The control
+    variate ``c_k`` depends on ``relaxation``:
+
+    - ``"exact"`` (the default, the paper's): ``c_k(z) = f_k(sigmoid(z / lambda))``, the costs
+      downstream of the site evaluated with its value replaced by the relaxed one (the program
+      run again, twice per step, at ``z`` and ``z~``, its other draws held and its parameters
+      fixed; :mod:`scgjax.objectives.rerun`). The costs must accept a real value in ``[0, 1]``
+      in place of the bit (a Bernoulli's ``log_prob`` does; an index does not), be per
+      element of the site's plates, and the site not be in an ``sg.scan`` loop.
+    - ``"first_order"``: ``c_k(z) = < gbar_{-k}, sigmoid(z / lambda) - theta_k >`` with
+      ``gbar_{-k} = mean_{j != k} df/db (b_j)``, ``f`` relaxed to first order around the
+      *other* particles' values (their gradients ``df/db``, as in
+      :class:`~scgjax.estimators.DCV`): no extra run of the program, but only the variance
+      reduction of a linear relaxation; ``K >= 2``. ``nu = 0`` is RLOO; as ``lambda -> 0`` it
+      tends to DCV's Taylor control variate.
+
+    Either way the estimate is exactly unbiased for every ``nu`` and ``lambda`` (the REBAR
+    identity holds for any continuous ``c`` that does not depend on particle ``k``'s draw);
+    the inner product and ``f`` run over the dimensions ``f`` is one number for (event
+    dimensions), separately for every plate element.
 
     Trainable estimator parameters, created by ``sg.init_params``: ``params["<site>$eta"]``
     (``nu``, starting at ``eta_init``) and ``params["<site>$log_temperature"]``
@@ -294,13 +302,12 @@ class REBAR(_Relaxed):
 
     The site's ``log q`` does not enter the DiCE box (``score = False``): this term supplies the
     whole score part of the gradient through the logits (first derivatives only). Values are
-    sampled as floats (the objective differentiates the costs with respect to them). Masked
-    elements get no score gradient.
+    sampled as floats (the objective evaluates or differentiates the costs at real values).
+    Masked elements get no score gradient.
 
-    Requirements: a Bernoulli site and ``num_particles >= 2``; not for ``sg.IWAE``; errors
-    naming the site otherwise. Not for Categorical sites: the first-order relaxation
-    differentiates the costs at a real-valued ``b``, which a class index is not (use
-    :class:`RELAX`).
+    Requirements: a Bernoulli site (``K >= 2`` for ``"first_order"``); not for ``sg.IWAE``;
+    errors naming the site otherwise. Not for Categorical sites: the relaxed value would be a
+    vector on the simplex where the program expects a class index (use :class:`RELAX`).
 
     Reference: G. Tucker, A. Mnih, C. J. Maddison, D. Lawson and J. Sohl-Dickstein, "REBAR:
     Low-variance, unbiased gradient estimates for discrete latent variable models", NeurIPS
@@ -324,13 +331,26 @@ class REBAR(_Relaxed):
 
     temperature_init: float = 0.5
     eta_init: float = 1.0
-
-    needs_signal_grad = True
-    _min_particles = 2
+    relaxation: str = "exact"
 
     def __post_init__(self):
         if not self.temperature_init > 0:
             raise ValueError(f"REBAR temperature_init must be > 0, got {self.temperature_init}")
+        if self.relaxation not in ("exact", "first_order"):
+            raise ValueError(f"REBAR relaxation must be 'exact' or 'first_order', got "
+                             f"{self.relaxation!r}")
+
+    @property
+    def needs_signal_grad(self) -> bool:
+        return self.relaxation == "first_order"
+
+    @property
+    def needs_signal_at(self) -> bool:
+        return self.relaxation == "exact"
+
+    @property
+    def _min_particles(self) -> int:
+        return 2 if self.relaxation == "first_order" else 1
 
     def sample(self, rng_key: jax.Array, fn: Any) -> jax.Array:
         # Float values: the objective differentiates the costs with respect to them.
@@ -347,13 +367,15 @@ class REBAR(_Relaxed):
         return params["eta"]
 
     def relaxed_cv(self, ctx, z, theta, params):
+        s = jax.nn.sigmoid(z / jnp.exp(params["log_temperature"]))
+        if self.relaxation == "exact":  # f at the relaxed value: the program run again
+            return ctx.to_value_layout(ctx.signal_at(s)).astype(z.dtype)
         stop = jax.lax.stop_gradient
         k = ctx.num_particles
         g = stop(ctx.signal_grad).astype(z.dtype)
         gbar = (g.sum(axis=0, keepdims=True) - g) / (k - 1)
         f_shape = jax.eval_shape(ctx.to_value_layout, ctx.learning_signal).shape
         block = tuple(a for a in range(1, z.ndim) if f_shape[a] == 1 and z.shape[a] != 1)
-        s = jax.nn.sigmoid(z / jnp.exp(params["log_temperature"]))
         return jnp.sum(gbar * (s - theta), axis=block, keepdims=True)
 
 

@@ -1,6 +1,7 @@
 """Measure-valued derivatives: unbiased against exact gradients (enumeration, closed forms)
-for Bernoulli (a logit exactly 0, an event block, K = 1 and 3, the ELBO with the site's own
-cost), Categorical (5 classes, a plate), Poisson and Normal sites, and the errors."""
+for Bernoulli (a logit exactly 0, an event block, a cost outside the plate, K = 1 and 3, the
+ELBO with the site's own cost), Categorical (5 classes, a plate), Poisson and Normal sites,
+and the errors."""
 
 from __future__ import annotations
 
@@ -167,15 +168,27 @@ def _grad(objective, *program_args):
     return jax.grad(objective.loss, argnums=1)(jax.random.key(0), params, *program_args)
 
 
-def test_refuses_a_cost_over_the_whole_plate():
-    def program():
-        eta = sg.param("eta", jnp.zeros(3))
-        with sg.plate("n", 3):
-            z = sg.sample("z", dist.Bernoulli(logits=eta), estimator=sg.MeasureValued())
-        sg.factor("f", jnp.sin(z.sum()))
+def plate_with_a_cost_outside():
+    """A cost outside the plate (it depends on every element at once): each element's value is
+    changed in a run of its own."""
+    eta = sg.param("eta", jnp.array([0.0, 1.0, -1.5]))
+    with sg.plate("n", 3):
+        z = sg.sample("z", dist.Bernoulli(logits=eta), estimator=sg.MeasureValued())
+        sg.factor("own", 0.5 * z * jnp.arange(3.0))
+    sg.factor("f", jnp.sin(z @ W) + 2.0 * z[0] * z[1])
 
-    with pytest.raises(sg.SiteError, match="'z'.*plate 'n'"):
-        _grad(sg.Expectation(), program)
+
+def plate_with_a_cost_outside_exact(p):
+    z = jnp.asarray(list(itertools.product([0.0, 1.0], repeat=3)))
+    log_q = models.bern_logp(z, p["eta"]).sum(-1)
+    f = jnp.sin(z @ W) + 2.0 * z[:, 0] * z[:, 1] + 0.5 * z @ jnp.arange(3.0)
+    return jnp.sum(jnp.exp(log_q) * f)
+
+
+def test_cost_outside_the_plate_unbiased():
+    params = sg.init_params(0, plate_with_a_cost_outside)
+    _check(sg.Expectation(num_particles=2), (plate_with_a_cost_outside,), params,
+           jax.grad(plate_with_a_cost_outside_exact)(params))
 
 
 def test_refuses_a_site_in_a_scan_loop():

@@ -104,7 +104,10 @@ class Estimator:
         needs_signal_at: the context carries ``signal_at``, ``Q_w`` at other values of the
             site (each call runs the program once more; for measure-valued derivatives and
             REBAR's relaxed control variate). Only for objectives with a per-particle learning
-            signal, and not in an ``sg.scan`` loop.
+            signal, and not in an ``sg.scan`` loop. ``signal_at.coupled`` marks the plates
+            along which a credited cost depends on all elements at once; such plates are
+            refused unless the estimator sets ``runs_coupled_elements`` (it changes their
+            elements one at a time).
         enumerates: the site is summed over its support instead of sampled (every element set
             to each support value in turn, weighted by its probability).
         bound_signal: how the site's score is weighted under a multi-sample bound
@@ -135,6 +138,7 @@ class Estimator:
     score: bool = True
     needs_signal_grad: bool = False
     needs_signal_at: bool = False
+    runs_coupled_elements: bool = False
     enumerates: bool = False
     bound_signal: str | None = None
     importance_weighted: bool = False

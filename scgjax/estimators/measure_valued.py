@@ -92,7 +92,9 @@ class MeasureValued(Estimator):
     Cost: every part is one more run of the program (all particles, the program's parameters
     held fixed; :mod:`scgjax.objectives.rerun`), for all plate elements at once but separately
     for each coordinate of the site's block (its event dims and the batch dims that no plate
-    declares), since those share one cost: per step, for a block of ``D`` coordinates,
+    declares, and the plates along which a downstream cost depends on all elements at once,
+    such as a likelihood outside the plate), since those share one cost: per step, for a block
+    of ``D`` coordinates,
 
     - Bernoulli: ``D`` runs, Poisson: ``D`` runs,
     - Categorical with ``C`` classes: ``C D`` runs,
@@ -101,9 +103,8 @@ class MeasureValued(Estimator):
     on top of the usual one. ``chunk``: how many of those runs to batch in one ``vmap``
     (``None``: all at once; a smaller number bounds the memory, ``jax.lax.map``).
 
-    Requirements: the costs credited to the site must be per element of its plates (no cost
-    summing over the plate) and the site not in an ``sg.scan`` loop; not for ``sg.IWAE``;
-    errors naming the site otherwise. Values are drawn by the estimator (not substituted).
+    Requirements: the site not in an ``sg.scan`` loop; not for ``sg.IWAE``; errors naming the
+    site otherwise. Values are drawn by the estimator (not substituted).
 
     Reference: S. Mohamed, M. Rosca, M. Figurnov and A. Mnih, "Monte Carlo gradient estimation
     in machine learning", JMLR 21(132), 2020, §6 and table 1; G. Pflug, "Sampling derivatives
@@ -127,6 +128,7 @@ class MeasureValued(Estimator):
 
     score = False
     needs_signal_at = True
+    runs_coupled_elements = True
 
     def __post_init__(self):
         if self.chunk is not None and (isinstance(self.chunk, bool)
@@ -195,7 +197,13 @@ class MeasureValued(Estimator):
         *value_shape)``. One run per alternative and block coordinate."""
         drawn = jax.lax.stop_gradient(ctx.value)
         f_shape = jax.eval_shape(ctx.to_value_layout, ctx.learning_signal).shape
-        block = [a for a in range(1, drawn.ndim) if f_shape[a] == 1 and drawn.shape[a] != 1]
+        block = {a for a in range(1, drawn.ndim) if f_shape[a] == 1 and drawn.shape[a] != 1}
+        # plates along which a credited cost depends on all elements: one element at a time
+        coupled = ctx.signal_at.coupled
+        sizes = ctx.learning_signal.shape[1:]
+        indicator = jnp.zeros((1, *(n if c else 1 for n, c in zip(sizes, coupled, strict=True))))
+        coupled_shape = jax.eval_shape(ctx.to_value_layout, indicator).shape
+        block = sorted(block | {a for a in range(1, drawn.ndim) if coupled_shape[a] > 1})
         sizes = [drawn.shape[a] for a in block]
         d = math.prod(sizes)
         # masks[j]: coordinate j of every block (value layout, size 1 along the other axes)

@@ -15,11 +15,14 @@ other draws are the same: common random numbers; sites below ``w`` draw from the
 conditional with the same key) and the program's parameters held fixed (gradient stopped); it
 is differentiable in ``values``. Each call is one more run of every particle.
 
-All elements of ``w`` change at once, so ``Q_w`` at element ``n`` is the signal of changing
-element ``n`` only when every cost credited to ``w`` is credited element by element along all of
-``w``'s plates: a cost outside one of them (a sum over the plate, say) would see every element
-changed. That, and a site in an ``sg.scan`` loop (a step's value changes the costs of later
-steps), is refused with an error naming the site (:func:`check_signal_at`).
+All elements of ``w`` change at once. Along a plate of ``w`` where a cost credited to it is
+not per element (a cost outside the plate, or credited across it), ``Q_w`` at element ``n`` then
+sees every element changed: ``signal_at.coupled`` marks those plates (one bool per canonical
+plate axis). An estimator that needs each element's own signal runs those elements one at a
+time (``runs_coupled_elements``, :class:`~scgjax.estimators.MeasureValued`); for the others
+(REBAR's per-element control variate) such a plate is refused with an error naming the site
+(:func:`check_signal_at`), and so is a site in an ``sg.scan`` loop (a step's value also changes
+later steps' costs).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from scgjax.objectives.surrogate import learning_signal
 from scgjax.scg import SCG
 from scgjax.tracegraph import Structure
 
-__all__ = ["check_signal_at", "signal_evaluators"]
+__all__ = ["check_signal_at", "coupled_plates", "signal_evaluators"]
 
 Particles = Callable[[dict], tuple[dict, dict, dict]]
 
@@ -52,20 +55,30 @@ def signal_evaluators(structure: Structure, rerun: Particles, extras: dict
     out = {}
     for n in nodes:
         drawn = jax.lax.stop_gradient(extras[n]["value"])
+        coupled = coupled_plates(scg, n)
 
         def signal_at(values: jax.Array, n: str = n, drawn: jax.Array = drawn) -> jax.Array:
             probe = values.astype(drawn.dtype) - drawn
             logq, costs, _ = rerun({n: probe})
             return learning_signal(scg, n, costs, logq[n])
 
+        signal_at.coupled = tuple(p in coupled for p in structure.plate_order)
         out[n] = signal_at
     return out
 
 
+def coupled_plates(scg: SCG, w: str) -> tuple[str, ...]:
+    """The plates of node ``w`` along which a cost credited to it is not credited element by
+    element (it depends on every element of the plate at once)."""
+    node = scg.nodes[w]
+    return tuple(p for p in node.plates
+                 if any(p not in scg.shared_plates(w, cid) for cid in scg.credited_costs(w)))
+
+
 def check_signal_at(scg: SCG, nodes: list[str]) -> None:
     """Raise a :class:`SiteError` naming the site where changing all of a site's elements at
-    once would not give each element's own signal: a cost credited to it outside one of its
-    plates, or a site in an ``sg.scan`` loop."""
+    once would not give each element's own signal and its estimator does not run them one at
+    a time (a plate of :func:`coupled_plates`), or where the site is in an ``sg.scan`` loop."""
     for w in nodes:
         node = scg.nodes[w]
         name = type(node.estimator).__name__
@@ -74,6 +87,8 @@ def check_signal_at(scg: SCG, nodes: list[str]) -> None:
                             "at other values of it; in an sg.scan loop a step's value also "
                             "changes later steps' costs, which it cannot separate: use RLOO() "
                             "or ScoreFunction() there")
+        if node.estimator.runs_coupled_elements:
+            continue
         for cid in scg.credited_costs(w):
             outside = [p for p in node.plates if p not in scg.shared_plates(w, cid)]
             if outside:
@@ -81,4 +96,4 @@ def check_signal_at(scg: SCG, nodes: list[str]) -> None:
                                 f"site at other values of all its elements at once, but the "
                                 f"cost '{scg.costs[cid].site}' depends on every element of the "
                                 f"plate '{outside[0]}' (it is outside that plate, or credited "
-                                "across it): use RLOO() or ScoreFunction()")
+                                "across it): use sg.MeasureValued(), RLOO() or ScoreFunction()")

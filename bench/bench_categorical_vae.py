@@ -13,8 +13,7 @@ An estimator that scgjax refuses for the model (``UnorderedSet`` and ``SumAndSam
 20 latents at once) is listed with the library's error and not trained. ``--latent-dims 2
 --joint`` is Kool et al.'s "small domain": the two latents as one Categorical over their 100
 joint classes, where those two estimators apply. Estimators that scgjax lacks for Categorical
-sites (``categorical_vae_mnist.PENDING``: RELAX, measure-valued derivatives) are listed as
-such.
+sites (``categorical_vae_mnist.PENDING``, empty now) are listed as such.
 
 For each seed (``--seeds``) all estimators start from the same initial parameters and see the
 same dynamically binarised mini-batches. Measured, per estimator and seed:

@@ -24,8 +24,8 @@ def cvae():
 def test_estimator_names_and_particle_counts_are_checked(cvae):
     with pytest.raises(ValueError, match="unknown estimator 'nope'"):
         cvae.make_estimator("nope")
-    with pytest.raises(ValueError, match="not available yet"):
-        cvae.make_estimator("mvd")
+    est, k = cvae.make_estimator("mvd")
+    assert isinstance(est, sg.MeasureValued) and k == 4
     with pytest.raises(ValueError, match="<= 6"):
         cvae.make_estimator("unordered", 7)
     with pytest.raises(ValueError, match=">= 2"):

@@ -381,6 +381,21 @@ def test_rebar_errors():
 
     with pytest.raises(sg.SiteError, match="'b'.*plate 'n'"):
         sg.Expectation().loss(0, sg.init_params(0, summed), summed)
+
+
+def test_exact_rebar_refuses_a_cost_that_takes_the_bit_as_an_index():
+    """models.mixture_model picks the component's mean by ``mu[z.astype(int)]``: at a relaxed
+    value the index jumps, so the relaxed control variate would bias the gradient."""
+    x = models.MIX_X
+    guide = functools.partial(models.mixture_guide, estimator=sg.REBAR())
+    params = sg.init_params(0, models.mixture_model, guide, x)
+    with pytest.raises(sg.SiteError, match="'z'.*cost 'x'.*without a gradient") as info:
+        sg.ELBO(num_particles=2).loss(0, params, models.mixture_model, guide, x)
+    assert info.value.site == "z"
+    first_order = functools.partial(models.mixture_guide,
+                                    estimator=sg.REBAR(relaxation="first_order"))
+    assert jnp.isfinite(sg.ELBO(num_particles=2).loss(0, params, models.mixture_model,
+                                                      first_order, x))
     with pytest.raises(TypeError, match="instance"):
         sg.RELAX(ElementCV)
 

@@ -108,6 +108,9 @@ class Estimator:
             along which a credited cost depends on all elements at once; such plates are
             refused unless the estimator sets ``runs_coupled_elements`` (it changes their
             elements one at a time).
+        differentiates_signal_at: the estimator differentiates ``signal_at`` at real values
+            of the site (a relaxation): every cost that depends on the site must depend on it
+            differentiably, which the objective checks (an error naming the site and cost).
         enumerates: the site is summed over its support instead of sampled (every element set
             to each support value in turn, weighted by its probability).
         bound_signal: how the site's score is weighted under a multi-sample bound
@@ -139,6 +142,7 @@ class Estimator:
     needs_signal_grad: bool = False
     needs_signal_at: bool = False
     runs_coupled_elements: bool = False
+    differentiates_signal_at: bool = False
     enumerates: bool = False
     bound_signal: str | None = None
     importance_weighted: bool = False

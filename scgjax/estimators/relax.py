@@ -349,6 +349,10 @@ class REBAR(_Relaxed):
         return self.relaxation == "exact"
 
     @property
+    def differentiates_signal_at(self) -> bool:
+        return self.relaxation == "exact"
+
+    @property
     def _min_particles(self) -> int:
         return 2 if self.relaxation == "first_order" else 1
 

@@ -30,13 +30,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from scgjax.errors import SiteError
 from scgjax.objectives.surrogate import learning_signal
+from scgjax.provenance import dependencies
 from scgjax.scg import SCG
 from scgjax.tracegraph import Structure
 
-__all__ = ["check_signal_at", "coupled_plates", "signal_evaluators"]
+__all__ = ["check_differentiable", "check_signal_at", "coupled_plates", "signal_evaluators"]
 
 Particles = Callable[[dict], tuple[dict, dict, dict]]
 
@@ -50,18 +52,23 @@ def signal_evaluators(structure: Structure, rerun: Particles, extras: dict
     gradient-stopped); ``extras[site]["value"]`` is the drawn value, ``(K, *value_shape)``.
     """
     scg = structure.scg
-    nodes = [n for n, node in scg.nodes.items() if node.estimator.needs_signal_at]
-    check_signal_at(scg, nodes)
     out = {}
-    for n in nodes:
+    for n in [n for n, node in scg.nodes.items() if node.estimator.needs_signal_at]:
         drawn = jax.lax.stop_gradient(extras[n]["value"])
-        coupled = coupled_plates(scg, n)
+        checked: list[bool] = []
 
-        def signal_at(values: jax.Array, n: str = n, drawn: jax.Array = drawn) -> jax.Array:
+        def signal_at(values: jax.Array, n: str = n, drawn: jax.Array = drawn,
+                      checked: list[bool] = checked) -> jax.Array:
+            if not checked:  # on the first call (tracing): an objective that never calls it
+                check_signal_at(scg, [n])  # (a bound refusing the estimator) is not held up
+                if scg.nodes[n].estimator.differentiates_signal_at:
+                    check_differentiable(scg, n, rerun, drawn)
+                checked.append(True)
             probe = values.astype(drawn.dtype) - drawn
             logq, costs, _ = rerun({n: probe})
             return learning_signal(scg, n, costs, logq[n])
 
+        coupled = coupled_plates(scg, n)
         signal_at.coupled = tuple(p in coupled for p in structure.plate_order)
         out[n] = signal_at
     return out
@@ -73,6 +80,33 @@ def coupled_plates(scg: SCG, w: str) -> tuple[str, ...]:
     node = scg.nodes[w]
     return tuple(p for p in node.plates
                  if any(p not in scg.shared_plates(w, cid) for cid in scg.credited_costs(w)))
+
+
+def check_differentiable(scg: SCG, w: str, rerun: Particles, drawn: jax.Array) -> None:
+    """Raise a :class:`SiteError` naming the site and a cost where the cost depends on ``w``'s
+    value (it is credited to ``w``) but not differentiably: through an index, a comparison, or
+    a site below ``w`` whose draw carries no gradient. An estimator that differentiates
+    ``signal_at`` at real values (REBAR's relaxation) would then differentiate a function with
+    jumps, a biased gradient. Read from the data flow of the costs' tangents (nothing runs)."""
+    credited = set(scg.credited_costs(w))
+    zero = jnp.zeros(drawn.shape, jnp.result_type(float))
+
+    def tangents(t: jax.Array) -> dict:
+        return jax.jvp(lambda probe: rerun({w: probe})[1], (zero,), (t,))[1]
+
+    shapes = jax.eval_shape(tangents, zero)
+    names = jax.tree_util.tree_structure(shapes).unflatten(range(len(jax.tree.leaves(shapes))))
+    deps = dependencies(tangents, zero)
+    for cid in sorted(credited):
+        if cid in names and not deps[names[cid]]:
+            raise SiteError(w, f"uses {type(scg.nodes[w].estimator).__name__}, which "
+                            "differentiates the costs at a relaxed (real) value of the site, "
+                            f"but the cost '{scg.costs[cid].site}' depends on its value without "
+                            "a gradient (through an index, a comparison or a draw below it "
+                            "that carries none): the relaxed control variate would have jumps, "
+                            "a biased gradient. Use the value as a real number there, or "
+                            "REBAR(relaxation='first_order'), sg.RELAX(...) or "
+                            "sg.MeasureValued()")
 
 
 def check_signal_at(scg: SCG, nodes: list[str]) -> None:

@@ -44,17 +44,24 @@ def bernoulli_parts(fn: Any) -> tuple[jax.Array, jax.Array | None] | None:
     return logits, mask
 
 
-def logits_and_keep(msg: dict) -> dict[str, jax.Array]:
-    """The site's logits and a boolean ``keep`` (False where masked by ``.mask`` or
-    ``sg.handlers.mask``), both in the layout of its value."""
-    logits, mask = bernoulli_parts(msg["fn"])
+def value_keep(msg: dict, mask: jax.Array | None) -> jax.Array:
+    """A boolean ``keep`` in the layout of the site's value: False where masked by the
+    distribution's ``mask`` (value layout, or ``None``) or by ``sg.handlers.mask``."""
     shape = jnp.shape(msg["value"])
     keep = jnp.ones(shape, bool) if mask is None else jnp.broadcast_to(mask, shape)
     if msg.get("mask") is not None:  # sg.handlers.mask: over the batch shape
         site = jnp.reshape(msg["mask"], jnp.shape(msg["mask"])
                            + (1,) * len(msg["fn"].event_shape))
         keep = jnp.logical_and(keep, site)
-    return {"logits": jnp.broadcast_to(logits, shape), "keep": keep}
+    return keep
+
+
+def logits_and_keep(msg: dict) -> dict[str, jax.Array]:
+    """The site's logits and a boolean ``keep`` (False where masked by ``.mask`` or
+    ``sg.handlers.mask``), both in the layout of its value."""
+    logits, mask = bernoulli_parts(msg["fn"])
+    return {"logits": jnp.broadcast_to(logits, jnp.shape(msg["value"])),
+            "keep": value_keep(msg, mask)}
 
 
 def require_bernoulli(estimator: Any, name: str, fn: Any) -> None:

@@ -38,7 +38,7 @@ import numpyro.distributions as nd
 
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator, ScoreContext, zero_value
-from scgjax.estimators.bernoulli import BERNOULLI
+from scgjax.estimators.bernoulli import BERNOULLI, value_keep
 
 __all__ = ["MeasureValued"]
 
@@ -160,12 +160,7 @@ class MeasureValued(Estimator):
     def collect(self, msg: dict) -> dict:
         kind, inner, mask = family(msg["fn"])
         shape = jnp.shape(msg["value"])
-        keep = jnp.ones(shape, bool) if mask is None else jnp.broadcast_to(mask, shape)
-        if msg.get("mask") is not None:  # sg.handlers.mask: over the batch shape
-            site = jnp.reshape(msg["mask"], jnp.shape(msg["mask"])
-                               + (1,) * len(msg["fn"].event_shape))
-            keep = jnp.logical_and(keep, site)
-        out: dict[str, Any] = {"keep": keep}
+        out: dict[str, Any] = {"keep": value_keep(msg, mask)}
         if kind == "Bernoulli":
             out["logits"] = jnp.broadcast_to(inner.logits, shape)
         elif kind == "Categorical":

@@ -106,11 +106,14 @@ def test_ring_learns_the_rotation(alws, tmp_path):
     ring = results["ring"]
     _check_pngs(out, RING_PNGS)
     assert "mnist" not in results
-    # measured (seed 0): 0.149 -> 0.0048, 0.27 of the constant patch's 0.018; log p(x) -1031
-    # -> 269 (the true process: 400); over seeds 0-3 at 200 steps the ratio was 0.33-0.50
+    # measured (seed 0, the defaults: sigma's gradient at the data, half the median
+    # bandwidth): aligned MSE 0.149 -> 0.0023, log p(x) -1031 -> 294 (the true process: 400),
+    # sigma 0.099 (from 0.1; it ends at 0.052 after the example's 1000 steps)
     assert ring["aligned_mse"] < 0.25 * ring["aligned_mse_initial"], ring["aligned_mse"]
     assert ring["relative_mse"] < 0.6, ring["relative_mse"]
-    assert ring["sigma"] < 0.1  # initialised at 0.1; the data's noise is 0.05
+    # the data's noise is 0.05; plain regression of the log-joint collapses sigma well below
+    # it (0.023 after 1000 steps), the gradient at the data keeps it above
+    assert 0.05 < ring["sigma"] <= 0.1, ring["sigma"]
     # held-out log-likelihood (1-d quadrature over the angle): far up, and below the true
     # process's (the cross-entropy of any model is at least the entropy)
     assert ring["log_lik"] > ring["log_lik_initial"] + 500

@@ -175,6 +175,11 @@ ESTIMATORS: dict[str, EstimatorChoice] = {
         lambda: sg.REBAR(relaxation="first_order"), default_particles=2, min_particles=2,
         description="REBAR with its control variate relaxed to first order around the other "
         "particles (not the paper's f(sigma_lambda(z))); eta and the temperature trained"),
+    "rebar_exact": EstimatorChoice(
+        sg.REBAR, default_particles=2, min_particles=1,
+        description="REBAR with the paper's control variate f(sigma_lambda(z)): the model run "
+        "again at the relaxed latents z and z~ (twice per step), eta and the temperature "
+        "trained"),
     "relax": EstimatorChoice(
         lambda: sg.RELAX(RelaxControlVariate()), default_particles=2, min_particles=1,
         description="RELAX: a learned control variate on the relaxed latents, trained in the "

@@ -64,8 +64,10 @@ the body, and at large T a rounding difference can flip a resampling decision):
 - ``hand_body``: the normals and the resampling's uniform drawn inside the body (as scgjax's
   resampling does too);
 - ``hand_body2``: ``hand_body`` with the guide's and the model's carries resampled
-  separately (two gathers, two scatter-adds in the backward pass) and the systematic
-  resampling's ``searchsorted`` on a ``(K, 1)`` array, as ``scgjax/objectives/smc.py`` does;
+  separately (two gathers, two scatter-adds in the backward pass), as
+  ``scgjax/objectives/smc.py`` did until it resampled a leaf that the two carries share
+  (here ``z``) once, and the systematic resampling's ``searchsorted`` on a ``(K, 1)`` array,
+  as it still does (one column per element of the plates around the loop);
 - ``scgjax_multi``: scgjax's loss with ``resample="multinomial"`` (for reference: it draws
   ``jax.random.categorical(key, log_norm, axis=0, shape=(K, ...))``, Gumbel noise of shape
   ``(K, K)`` per step; only where ``K^2 T <= 10^7``);
@@ -134,7 +136,7 @@ DIAG_LABELS = {
     "hand_keys": "hand, scgjax's keys, all drawn before the loop",
     "hand_noise": "hand, scgjax's keys, proposal noise drawn in the body",
     "hand_body": "hand, scgjax's keys, noise and resampling uniform drawn in the body",
-    "hand_body2": "hand_body + two carries resampled + (K, 1) searchsorted",
+    "hand_body2": "hand_body + two carries resampled (as scgjax did) + (K, 1) searchsorted",
     "scgjax_multi": "scgjax sg.SMC loss, multinomial resampling",
 }
 NOT_RUN = "-"

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 import scgjax as sg
 from scgjax import dist
@@ -200,6 +201,84 @@ def test_score_and_resampling_gradients_are_unbiased_against_exact_enumeration()
     other = grads(sg.SMC(2, resample=None))
     z = [abs(g.mean() - float(exact[n])) / (g.std() / np.sqrt(g.size)) for n, g in other.items()]
     assert max(z) > 6.0, z
+
+
+# -- the carries: a leaf the model's carry shares with the guide's is resampled once ----------
+
+
+def learnable(tuple_carry=False, copy=False):
+    """The linear-Gaussian model and a proposal, both with params. The model's step returns
+    the guide's draw ``z`` (the same array: SMC resamples it once for both carries); with
+    ``copy``, ``z * 1.0`` instead (the same value, another array: resampled twice, as before
+    the sharing). ``tuple_carry``: the guide carries ``(z, z)`` and the model ``(z, a z)``, a
+    leaf shared three times beside one of the model's own."""
+    same = (lambda z: z * 1.0) if copy else (lambda z: z)
+
+    def model(ys):
+        a, log_q = sg.param("a", 0.5), sg.param("log_q", 0.0)
+
+        def step(carry, y):
+            mean = 0.5 * (a * carry[0] + carry[1]) if tuple_carry else a * carry
+            z = sg.sample("z", dist.Normal(mean, jnp.exp(0.5 * log_q)))
+            sg.sample("y", dist.Normal(z, R ** 0.5), obs=y)
+            return ((same(z), a * z) if tuple_carry else same(z)), None
+
+        sg.scan(step, (0.0, 0.0) if tuple_carry else 0.0, xs=ys)
+
+    def guide(ys):
+        pa, pb, log_s = sg.param("pa", 0.3), sg.param("pb", 0.3), sg.param("log_s", 0.0)
+
+        def step(carry, y):
+            prev = 0.5 * (carry[0] + carry[1]) if tuple_carry else carry
+            z = sg.sample("z", dist.Normal(pa * prev + pb * y, jnp.exp(log_s)))
+            return ((z, same(z)) if tuple_carry else z), None
+
+        sg.scan(step, (0.0, 0.0) if tuple_carry else 0.0, xs=ys)
+
+    return model, guide
+
+
+def count_primitive(jaxpr, name):
+    """Equations of primitive ``name`` in ``jaxpr``, once per call in its sub-jaxprs."""
+    return sum((eqn.primitive.name == name)
+               + sum(count_primitive(sub, name) for sub in jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("k, resample, threshold, tuple_carry", [
+    (16, "systematic", 0.5, False), (16, "multinomial", 1.0, True),
+    (256, "systematic", 1.0, True), (256, "multinomial", 0.5, False)])
+def test_a_carry_leaf_shared_by_model_and_guide_is_resampled_once(k, resample, threshold,
+                                                                   tuple_carry):
+    """The same loss and gradient as with the leaf copied (resampled once per occurrence),
+    up to the order of the backward pass's sums; and one gather's transpose (scatter-add)
+    per distinct leaf, not per occurrence."""
+    ys = simulate(30, seed=2)
+    smc = sg.SMC(k, resample=resample, ess_threshold=threshold)
+    results = {}
+    for copy in (False, True):
+        model, guide = learnable(tuple_carry, copy)
+        params = sg.init_params(0, model, guide, ys)
+
+        def loss(p, model=model, guide=guide):
+            value, (_, metrics) = smc.loss_with_state(jax.random.key(7), p, None, model, guide,
+                                                      ys)
+            return value, metrics["resampled"]
+
+        (value, resampled), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        scatters = count_primitive(jax.make_jaxpr(jax.grad(lambda p: loss(p)[0]))(params).jaxpr,
+                                   "scatter-add")
+        results[copy] = value, grad, float(resampled), scatters
+    (shared, g_shared, resampled, n_shared), (copied, g_copied, _, n_copied) = (
+        results[False], results[True])
+    assert 0.0 < resampled < 1.0 or threshold == 1.0 and resampled > 0.5  # it resamples
+    np.testing.assert_allclose(shared, copied, rtol=1e-6)
+    scale = max(float(jnp.abs(g).max()) for g in g_copied.values())
+    for name in g_copied:
+        np.testing.assert_allclose(g_shared[name], g_copied[name], rtol=1e-5,
+                                   atol=1e-6 * scale, err_msg=name)
+    # the distinct leaves: z (and a z); the occurrences: 2 (4)
+    assert (n_shared, n_copied) == ((2, 4) if tuple_carry else (1, 2)), (n_shared, n_copied)
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -359,7 +359,7 @@ def _smc_loop(smc: SMC, loop: str, score_sites: tuple[str, ...], guide_loop: tup
     shape = _outer_shape(outer)
     k = smc.num_particles
     particles = _Particles(k)
-    uniforms = _uniforms(smc, resample_key, length, shape)  # drawn before the loop
+    uniforms = _uniforms(smc, particles, resample_key, length, shape)  # before the loop
 
     try:  # the guide's input-only work (its draws' noise) for all steps before the loop
         in_g, run_g = control_flow.split_step(body_g, init_g, (steps_g, xs_g))
@@ -381,8 +381,10 @@ def _smc_loop(smc: SMC, loop: str, score_sites: tuple[str, ...], guide_loop: tup
         score_log_q = sum((log_q[n] for n in score_sites), jnp.zeros(shape))
         delta, ancestor, ancestor_log_prob, resampled, log_w = _resample(
             smc, particles, log_w, u, t == length - 1)
-        cg = _follow(cg, ancestor, particles, shape, loop)
-        cm = _follow(cm, ancestor, particles, shape, loop)
+        if smc.resample is not None:  # (without, every particle is its own ancestor)
+            # one resampling of a leaf that the model's carry shares with the guide's (the
+            # model's step returns the guide's draw: the same traced array)
+            cg, cm = _follow((cg, cm), ancestor, particles, shape, loop)
         per_step = {"delta": delta, "score_log_q": score_log_q,
                     "ancestor_log_prob": ancestor_log_prob, "resampled": resampled}
         return (cg, cm, log_w), (out_g, out_m, per_step)
@@ -436,13 +438,18 @@ class _Particles:
         return jnp.zeros((), jnp.int32) if self.k == 1 else jax.lax.axis_index(PARTICLE_AXIS)
 
 
-def _uniforms(smc: SMC, key: jax.Array, length: int, shape: tuple[int, ...]) -> jax.Array:
+def _uniforms(smc: SMC, particles: _Particles, key: jax.Array, length: int,
+              shape: tuple[int, ...]) -> jax.Array:
     """The resampling's uniforms of every step, drawn at once before the loop (a hash per step
-    inside the loop costs about as much as a small step on CPU): per step one per element of
-    the outer plates (systematic) or ``K`` (multinomial)."""
+    inside the loop costs about as much as a small step on CPU), ``(T, elements)``: per step
+    one per element of the outer plates, the same in every particle (systematic), or this
+    particle's column of ``K`` per element (multinomial: the ``K`` drawn from the same key in
+    every particle, this one taken here, once, rather than at every step)."""
     elements = math.prod(shape)
-    per_step = (elements,) if smc.resample != "multinomial" else (smc.num_particles, elements)
-    return jax.random.uniform(key, (length, *per_step))
+    if smc.resample != "multinomial":
+        return jax.random.uniform(key, (length, elements))
+    every = jax.random.uniform(key, (length, smc.num_particles, elements))
+    return jnp.take(every, particles.me(), axis=1)
 
 
 def _resample(smc: SMC, particles: _Particles, log_w: jax.Array, u: jax.Array,
@@ -460,32 +467,45 @@ def _resample(smc: SMC, particles: _Particles, log_w: jax.Array, u: jax.Array,
     ess = jnp.exp(2.0 * total - jax.nn.logsumexp(2.0 * every, axis=0))
     do = jax.lax.stop_gradient(ess < smc.ess_threshold * k) & ~last
     log_norm = every - total
-    drawn = _ancestors(u, jax.lax.stop_gradient(log_norm))  # (K, *outer)
-    ancestor = jnp.where(do, jnp.take(drawn, me, axis=0), mine)
+    position = (me + u) / k if smc.resample != "multinomial" else u
+    drawn = _ancestor(position, jax.lax.stop_gradient(log_norm))  # (*outer)
+    ancestor = jnp.where(do, drawn, mine)
     chosen = jnp.take_along_axis(log_norm, ancestor[None], axis=0)[0]
     ancestor_log_prob = jnp.where(do, chosen, 0.0)
     delta = jnp.where(do | last, total - math.log(k), 0.0)
     return delta, ancestor, ancestor_log_prob, do, jnp.where(do, 0.0, log_w)
 
 
-def _ancestors(u: jax.Array, log_norm: jax.Array) -> jax.Array:
-    """``K`` ancestor indices per element, drawn from the normalised weights (``log_norm``,
-    ``(K, *outer)``) by inverting their cumulative sum at the uniforms ``u``: one per element,
-    at ``(k + u) / K`` for ``k = 0..K-1`` (systematic), or ``K`` per element (multinomial,
-    ``(K, elements)``). O(K log K) per element."""
+def _ancestor(position: jax.Array, log_norm: jax.Array) -> jax.Array:
+    """This particle's ancestor index per element, drawn from the normalised weights
+    (``log_norm``, ``(K, *outer)``, the same in every particle) by inverting their cumulative
+    sum at ``position`` (``(elements,)`` in ``[0, 1)``: ``(k + u) / K`` for particle ``k``
+    (systematic), or its own uniform (multinomial)). Each particle searches for its own
+    position only: under the particles' ``vmap`` that is one ``(K,)`` search per element,
+    O(K log K), with no ``(K, K)`` array and no gather of the ``K`` drawn indices."""
     k = log_norm.shape[0]
     flat = log_norm.reshape((k, -1))
     cum = jnp.cumsum(jnp.exp(flat), axis=0)
-    positions = (jnp.arange(k)[:, None] + u[None]) / k if u.ndim == 1 else u
-    found = jax.vmap(lambda c, p: jnp.searchsorted(c, p), in_axes=1, out_axes=1)(
-        cum, positions * cum[-1:])
-    return jnp.minimum(found, k - 1).reshape(log_norm.shape)
+    found = jax.vmap(jnp.searchsorted, in_axes=(1, 0))(cum, position * cum[-1])
+    return jnp.minimum(found, k - 1).reshape(log_norm.shape[1:])
 
 
 def _follow(carry: Any, ancestor: jax.Array, particles: _Particles, shape: tuple[int, ...],
             loop: str) -> Any:
-    """Each element's carry replaced by its ancestor particle's."""
+    """Each element's carry replaced by its ancestor particle's. A leaf that occurs more than
+    once in ``carry`` (the same array object: the model's carry holding the guide's draw) is
+    resampled once, so that the forward pass gathers it once and the backward pass
+    scatter-adds its cotangents once."""
+    done: dict[int, tuple[Any, jax.Array]] = {}
+
     def leaf(x):
+        seen = done.get(id(x))
+        if seen is not None:
+            return seen[1]
+        done[id(x)] = x, resampled(x)  # (x kept alive: its id stays unique)
+        return done[id(x)][1]
+
+    def resampled(x):
         x = jnp.asarray(x)
         if tuple(x.shape[:len(shape)]) != shape:
             raise SiteError(loop, f"has a carry leaf of shape {x.shape} inside plates of shape "

@@ -252,13 +252,15 @@ def test_variance_ordering_on_the_toy_problem():
     rloo = _theta_grads(functools.partial(toy, sg.RLOO()), sg.Expectation(num_particles=2),
                         {"theta": 0.0})
     first_order = _theta_grads(*_train_control_variate(sg.REBAR(relaxation="first_order"), 2))
-    # the paper's REBAR, one sample: f(sigma(z / lambda)) is a weak control variate here, so
-    # it takes longer training to show (eta 1.2, lambda 12.7 after these steps)
+    # the paper's REBAR: f(sigma(z / lambda)) is a weak control variate here, so it takes
+    # longer training to show (eta 1.2, lambda 12.7 after these steps at K = 1)
     rebar = _theta_grads(*_train_control_variate(sg.REBAR(), 1, steps=2000, lr=0.05))
+    rebar2 = _theta_grads(*_train_control_variate(sg.REBAR(), 2, steps=2000, lr=0.05))
     relax = _theta_grads(*_train_control_variate(sg.RELAX(ElementCV()), 1))
     print(f"variance: SF (K=1) {sf[1]:.3e}, RLOO (K=2) {rloo[1]:.3e}, REBAR (K=1) {rebar[1]:.3e}, "
-          f"first-order REBAR (K=2) {first_order[1]:.3e}, RELAX (K=1) {relax[1]:.3e}")
-    for g, _, _ in (sf, rloo, rebar, first_order, relax):
+          f"REBAR (K=2) {rebar2[1]:.3e}, first-order REBAR (K=2) {first_order[1]:.3e}, "
+          f"RELAX (K=1) {relax[1]:.3e}")
+    for g, _, _ in (sf, rloo, rebar, rebar2, first_order, relax):
         assert_unbiased({"theta": g}, {"theta": np.float64(exact)}, min_power=0.0)
 
     def below(a, b, z=4.0):  # var(a) < var(b) by more than z standard errors of the difference
@@ -266,6 +268,7 @@ def test_variance_ordering_on_the_toy_problem():
 
     below(relax, rebar)  # RELAX below REBAR below the score function, one sample each
     below(rebar, sf)
+    below(rebar2, rloo)  # and at K = 2 REBAR (its c(z~) centred too) below RLOO
     # first-order REBAR with K = 2 against the score function averaged over two samples
     below(first_order, (None, sf[1] / 2, sf[2] / 2))
     below(relax, rloo)  # one relaxed sample beats the leave-one-out pair

@@ -185,6 +185,11 @@ class _Relaxed(Estimator):
     def cv_scale(self, params: dict) -> jax.Array:
         return jnp.ones(())
 
+    #: subtract from ``c_k(z~_k)`` the mean of the other particles' ``c_j(z~_j)`` (a baseline
+    #: of particle ``k``'s score, independent of its draw): for a control variate that carries
+    #: the costs' own level, which the leave-one-out baseline removes from ``f_k``
+    centres_control_variate: bool = False
+
     def baseline(self, f: jax.Array) -> jax.Array:
         """Leave-one-out mean of the other particles' signals (0 for one particle)."""
         k = f.shape[0]
@@ -242,6 +247,8 @@ class _Relaxed(Estimator):
 
         dc, c_zt = jax.grad(relaxed, has_aux=True)(e0)  # per element: d(c(z) - c(z~))/d eta
         nu = self.cv_scale(params)
+        if self.centres_control_variate:  # the other particles' c(z~) too: still unbiased
+            c_zt = c_zt - self.baseline(c_zt)
         coef = f - self.baseline(f) - nu * c_zt
         if score.ndim > coef.ndim:  # the class axis
             coef, keep = coef[..., None], keep[..., None]
@@ -279,8 +286,12 @@ class REBAR(_Relaxed):
       downstream of the site evaluated with its value replaced by the relaxed one (the program
       run again, twice per step, at ``z`` and ``z~``, its other draws held and its parameters
       fixed; :mod:`scgjax.objectives.rerun`). The costs must accept a real value in ``[0, 1]``
-      in place of the bit (a Bernoulli's ``log_prob`` does; an index does not), be per
-      element of the site's plates, and the site not be in an ``sg.scan`` loop.
+      in place of the bit (a Bernoulli's ``log_prob`` does; an index does not: refused, naming
+      the cost), be per element of the site's plates, and the site not be in an ``sg.scan``
+      loop. ``c_k(z~_k)`` carries the costs' level (an ELBO's -150 nats), which the
+      leave-one-out baseline removes from ``f_k``; so at ``K >= 2`` the score's coefficient is
+      ``f_k - mean_{j != k} f_j - nu (c_k(z~_k) - mean_{j != k} c_j(z~_j))`` (the other
+      particles' term is independent of particle ``k``'s draw: a baseline, unbiased).
     - ``"first_order"``: ``c_k(z) = < gbar_{-k}, sigmoid(z / lambda) - theta_k >`` with
       ``gbar_{-k} = mean_{j != k} df/db (b_j)``, ``f`` relaxed to first order around the
       *other* particles' values (their gradients ``df/db``, as in
@@ -350,6 +361,10 @@ class REBAR(_Relaxed):
 
     @property
     def differentiates_signal_at(self) -> bool:
+        return self.relaxation == "exact"
+
+    @property
+    def centres_control_variate(self) -> bool:
         return self.relaxation == "exact"
 
     @property

@@ -1066,7 +1066,7 @@ def explain_nonfinite(objective: Objective, params: dict, rng_key: Any,
                 signals: dict = {}
                 surrogate, estimate, _ = dice_surrogate(
                     ev.structure, {w: ev.logq[w]}, ev.costs, ev.extras, ev.signal_grads,
-                    params, state or {}, signals=signals)
+                    params, state or {}, signals=signals, signal_at=ev.signal_at)
                 out["signals"][w] = signals[w]
                 out["terms"][w] = surrogate - estimate
                 out["costs_total"] = estimate

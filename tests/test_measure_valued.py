@@ -223,3 +223,18 @@ def test_refuses_other_distributions_and_iwae():
 
     with pytest.raises(sg.SiteError, match="'z'.*MeasureValued"):
         _grad(sg.IWAE(num_particles=2), model, guide)
+
+
+def test_explain_nonfinite_reruns_the_program_too():
+    """``sg.diagnostics.explain_nonfinite`` takes the estimators' terms site by site: the
+    measure-valued term needs ``signal_at`` there as well."""
+
+    def program():
+        eta = sg.param("eta", jnp.zeros(3))
+        with sg.plate("n", 3):
+            z = sg.sample("z", dist.Bernoulli(logits=eta), estimator=sg.MeasureValued())
+            sg.factor("f", -(z - 0.45) ** 2)
+
+    found = sg.diagnostics.explain_nonfinite(sg.Expectation(), sg.init_params(0, program), 0,
+                                             program)
+    assert "every quantity is finite" in str(found)

@@ -15,11 +15,36 @@ WRAPPERS = (nd.Independent, nd.ExpandedDistribution, nd.MaskedDistribution)
 BERNOULLI = (nd.BernoulliLogits, nd.BernoulliProbs)
 
 
+def unwrap(fn: Any) -> tuple[Any, jax.Array | None]:
+    """``(innermost distribution, mask)`` of ``fn`` under ``Independent`` /
+    ``ExpandedDistribution`` / ``MaskedDistribution`` wrappers; ``mask`` (``None`` when nothing
+    is masked) is padded with the event dims, so that it broadcasts against the values of
+    ``fn`` (right-aligned).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from scgjax import dist
+        >>> fn = dist.Normal(0.0, 1.0).expand([3]).mask(jnp.array([True, False, True]))
+        >>> inner, mask = unwrap(fn.to_event(1))
+        >>> type(inner).__name__, mask.tolist()
+        ('Normal', [True, False, True])
+    """
+    mask = None
+    while isinstance(fn, WRAPPERS):
+        if isinstance(fn, nd.MaskedDistribution) and fn._mask is not True:
+            # over the batch shape; padded with the event dims to reach the value layout
+            own = jnp.asarray(fn._mask, bool)
+            own = jnp.reshape(own, own.shape + (1,) * len(fn.event_shape))
+            mask = own if mask is None else jnp.logical_and(mask, own)
+        fn = fn.base_dist
+    return fn, mask
+
+
 def bernoulli_parts(fn: Any) -> tuple[jax.Array, jax.Array | None] | None:
     """``(logits, mask)`` of a Bernoulli inside ``Independent`` / ``ExpandedDistribution`` /
     ``MaskedDistribution`` wrappers, each broadcastable against the values of ``fn``
-    (right-aligned; ``mask`` is ``None`` when nothing is masked), or ``None`` if ``fn`` is not
-    such a Bernoulli. Probabilities are turned into logits.
+    (right-aligned; ``mask`` is ``None`` when nothing is masked, see :func:`unwrap`), or
+    ``None`` if ``fn`` is not such a Bernoulli. Probabilities are turned into logits.
 
     Example:
         >>> import jax.numpy as jnp
@@ -28,20 +53,8 @@ def bernoulli_parts(fn: Any) -> tuple[jax.Array, jax.Array | None] | None:
         >>> logits.shape, mask
         ((3,), None)
     """
-    if isinstance(fn, BERNOULLI):
-        return fn.logits, None
-    if not isinstance(fn, WRAPPERS):
-        return None
-    inner = bernoulli_parts(fn.base_dist)
-    if inner is None:
-        return None
-    logits, mask = inner
-    if isinstance(fn, nd.MaskedDistribution) and fn._mask is not True:
-        # The mask is over the batch shape; pad it with the event dims to reach value layout.
-        own = jnp.asarray(fn._mask, bool)
-        own = jnp.reshape(own, own.shape + (1,) * len(fn.event_shape))
-        mask = own if mask is None else jnp.logical_and(mask, own)
-    return logits, mask
+    inner, mask = unwrap(fn)
+    return (inner.logits, mask) if isinstance(inner, BERNOULLI) else None
 
 
 def value_keep(msg: dict, mask: jax.Array | None) -> jax.Array:

@@ -38,11 +38,10 @@ import numpyro.distributions as nd
 
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator, ScoreContext, zero_value
-from scgjax.estimators.bernoulli import BERNOULLI, value_keep
+from scgjax.estimators.bernoulli import BERNOULLI, unwrap, value_keep
 
 __all__ = ["MeasureValued"]
 
-_WRAPPERS = (nd.Independent, nd.ExpandedDistribution, nd.MaskedDistribution)
 _CATEGORICAL = (nd.CategoricalLogits, nd.CategoricalProbs)
 #: the distributions served, by their innermost numpyro class
 FAMILIES = {"Bernoulli": BERNOULLI, "Categorical": _CATEGORICAL, "Poisson": (nd.Poisson,),
@@ -51,25 +50,19 @@ FAMILIES = {"Bernoulli": BERNOULLI, "Categorical": _CATEGORICAL, "Poisson": (nd.
 
 def family(fn: Any) -> tuple[str | None, Any, jax.Array | None]:
     """``(family, innermost distribution, mask)`` of ``fn`` under ``.to_event`` / ``.expand`` /
-    ``.mask`` wrappers; ``mask`` is in the layout of the values (``None``: nothing masked) and
-    ``family`` is ``None`` for a distribution that :class:`MeasureValued` does not serve.
+    ``.mask`` wrappers (:func:`~scgjax.estimators.bernoulli.unwrap`); ``family`` is ``None``
+    for a distribution that :class:`MeasureValued` does not serve.
 
     Example:
         >>> from scgjax import dist
         >>> family(dist.Normal(0.0, 1.0).expand([3]).to_event(1))[0]
         'Normal'
     """
-    mask = None
-    while isinstance(fn, _WRAPPERS):
-        if isinstance(fn, nd.MaskedDistribution) and fn._mask is not True:
-            own = jnp.asarray(fn._mask, bool)
-            own = jnp.reshape(own, own.shape + (1,) * len(fn.event_shape))
-            mask = own if mask is None else jnp.logical_and(mask, own)
-        fn = fn.base_dist
+    inner, mask = unwrap(fn)
     for name, classes in FAMILIES.items():
-        if isinstance(fn, classes):
-            return name, fn, mask
-    return None, fn, mask
+        if isinstance(inner, classes):
+            return name, inner, mask
+    return None, inner, mask
 
 
 @dataclasses.dataclass(frozen=True)

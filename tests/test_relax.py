@@ -1,13 +1,15 @@
 """REBAR and RELAX: unbiasedness against exact gradients by enumeration (logits exactly 0
-among the cases, a plate, ELBO and Expectation; Bernoulli sites, and Categorical sites of 5
-classes for RELAX), the variance on Tucker et al.'s toy problem (and a categorical version)
-after training the control variate, and the errors."""
+among the cases, a plate, ELBO and Expectation; Bernoulli sites, Categorical sites of 5
+classes for RELAX and one-hot categorical sites of 5 classes for REBAR), the variance on
+Tucker et al.'s toy problem (and categorical versions) after training the control variate,
+and the errors."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import itertools
+import math
 
 import flax.linen as nn
 import jax
@@ -207,6 +209,57 @@ def test_categorical_unbiased_plate(k, elbo):
                     exact(params))
 
 
+# --- REBAR on one-hot categorical sites: the relaxed value on the simplex -------------------
+
+def one_hot_program(estimator):
+    """A nonlinear cost of the one-hot value (it accepts a point of the simplex)."""
+    with sg.plate("n", 2):
+        b = sg.sample("z", dist.OneHotCategorical(logits=sg.param("l", CAT_LOGITS)),
+                      estimator=estimator)
+        h = jnp.sum(b * CAT_F, axis=-1)
+        sg.factor("f", jnp.sin(h) + 0.5 * h**2)
+
+
+def one_hot_exact_grad(params):
+    h = np.asarray(CAT_F, np.float64)
+    return {"l": _softmax_grad(np.asarray(params["l"], np.float64), np.sin(h) + 0.5 * h**2)}
+
+
+def one_hot_model():
+    with sg.plate("n", 2):
+        b = sg.sample("z", dist.OneHotCategorical(logits=CAT_PRIOR))
+        sg.sample("x", dist.Normal(b @ CAT_MU, 1.0), obs=CAT_X)
+
+
+def one_hot_guide(estimator):
+    with sg.plate("n", 2):
+        sg.sample("z", dist.OneHotCategorical(logits=sg.param("l", CAT_LOGITS)),
+                  estimator=estimator)
+
+
+@pytest.mark.parametrize("k,elbo,relaxation", [(1, False, "exact"), (3, False, "exact"),
+                                               (2, True, "exact"), (2, False, "first_order")],
+                         ids=["expectation-k1", "expectation-k3", "elbo-k2", "first-order-k2"])
+def test_rebar_one_hot_unbiased_plate(k, elbo, relaxation):
+    """5 classes, logits exactly 0 in the first plate element; the control variate far from 0
+    (scale 0.7, temperature e^-1), so a part of it that did not cancel would show; under ELBO
+    the site's own -log q (linear in b) and the model's x take the relaxed value too (the
+    same exact gradient as the index-valued model above)."""
+    estimator = sg.REBAR(temperature_init=math.exp(-1.0), eta_init=0.7, relaxation=relaxation)
+    if elbo:
+        guide = functools.partial(one_hot_guide, estimator)
+        args, objective, exact = ((one_hot_model, guide), sg.ELBO(num_particles=k),
+                                  cat_elbo_exact_grad)
+        params = sg.init_params(0, one_hot_model, guide)
+    else:
+        program = functools.partial(one_hot_program, estimator)
+        args, objective, exact = (program,), sg.Expectation(num_particles=k), one_hot_exact_grad
+        params = sg.init_params(0, program)
+    assert sorted(n for n in params if "$" in n) == ["z$eta", "z$log_temperature"]
+    assert_unbiased(_samples(objective, args, params, compiler_options=FAST_COMPILE),
+                    exact(params))
+
+
 # --- Tucker et al.'s toy problem: f(b) = (b - t)^2, one Bernoulli with logit theta ----------
 
 T = 0.45
@@ -333,6 +386,34 @@ def test_categorical_variance_below_the_score_function_after_training():
     assert v1 + 4 * se1 < best_constant  # the relaxed sample is used, not only a constant
 
 
+def one_hot_toy(estimator):
+    theta = sg.param("theta", jnp.zeros(5))
+    b = sg.sample("b", dist.OneHotCategorical(logits=theta), estimator=estimator)
+    sg.factor("f", -((b @ T5 - T) ** 2))
+
+
+def test_rebar_one_hot_variance_below_the_score_function_and_rloo():
+    """The categorical toy problem written with one-hot values: REBAR's control variate
+    ``f(softmax(z / lambda))`` trained (its ``eta`` and ``lambda``) lowers the variance (trace
+    over the 5 logits) below the plain score function's, exact by enumeration, at K = 1, and
+    below RLOO's at K = 2."""
+    p, f = np.full(5, 0.2), -((np.asarray(T5, np.float64) - T) ** 2)
+    s2 = np.sum((np.eye(5) - p) ** 2, -1)
+    exact = _softmax_grad(np.zeros(5), f)
+    sf = float(np.sum(p * f**2 * s2) - np.sum(exact**2))
+    rloo = _theta_grads(functools.partial(one_hot_toy, sg.RLOO()),
+                        sg.Expectation(num_particles=2), {"theta": jnp.zeros(5)})
+    rebar = [_theta_grads(*_train_control_variate(sg.REBAR(), k, steps=2000, lr=0.05,
+                                                  toy=one_hot_toy)) for k in (1, 2)]
+    print(f"variance (trace): SF (K=1) {sf:.3e}, RLOO (K=2) {rloo[1]:.3e}, REBAR (K=1) "
+          f"{rebar[0][1]:.3e} +- {rebar[0][2]:.1e}, REBAR (K=2) {rebar[1][1]:.3e} +- "
+          f"{rebar[1][2]:.1e}")
+    for g, _, _ in (rloo, *rebar):
+        assert_unbiased({"theta": g}, {"theta": exact}, min_power=0.0)
+    assert rebar[0][1] + 4 * rebar[0][2] < sf
+    assert rebar[1][1] + 4 * np.hypot(rebar[1][2], rloo[2]) < rloo[1]
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 def test_categorical_errors():
@@ -343,9 +424,10 @@ def test_categorical_errors():
             c = sg.sample("c", fn, estimator=estimator)
         sg.factor("f", jnp.sum(c).astype(jnp.float32))
 
-    cases = [(sg.REBAR(), {}, "REBAR needs a Bernoulli site.*sg.RELAX"),
+    cases = [(sg.REBAR(), {}, "class index.*dist.OneHotCategorical.*sg.RELAX"),
+             (sg.REBAR(), {"normal": True}, "needs a Bernoulli, a OneHotCategorical site"),
              (sg.RELAX(SoftmaxCV()), {"event": True}, r"Categorical under \.to_event.*sg.plate"),
-             (sg.RELAX(SoftmaxCV()), {"normal": True}, "Bernoulli or a Categorical site")]
+             (sg.RELAX(SoftmaxCV()), {"normal": True}, "a OneHotCategorical or a Categorical site")]
     for estimator, kwargs, match in cases:
         fn = functools.partial(program, estimator, **kwargs)
         with pytest.raises(sg.SiteError, match="'c'.*" + match) as info:

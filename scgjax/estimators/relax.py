@@ -1,7 +1,7 @@
-"""REBAR (Tucker et al., NeurIPS 2017) for Bernoulli sites and RELAX (Grathwohl et al., ICLR
-2018) for Bernoulli and Categorical sites: unbiased score-function estimators with a control
-variate on a continuous relaxation, whose parameters are trained in the same step to minimise
-the estimator's variance.
+"""REBAR (Tucker et al., NeurIPS 2017) for Bernoulli and one-hot categorical sites and RELAX
+(Grathwohl et al., ICLR 2018) for Bernoulli and categorical sites: unbiased score-function
+estimators with a control variate on a continuous relaxation, whose parameters are trained in
+the same step to minimise the estimator's variance.
 
 For a discrete element ``b = H(z)`` of a continuous, reparameterisable ``z ~ p(z | eta)`` and
 the *conditional* relaxation ``z~ ~ p(z | b, eta)`` (reparameterised given ``b``), any control
@@ -51,9 +51,10 @@ import jax.numpy as jnp
 import numpyro.distributions as nd
 
 from scgjax.baselines import site_to_signal_layout
+from scgjax.dist import OneHotCategorical
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator, ScoreContext, require_particles, zero_value
-from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep, require_bernoulli
+from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep, unwrap, value_keep
 from scgjax.estimators.unordered_set import categorical_logits
 
 __all__ = ["REBAR", "RELAX", "conditional_gumbel", "conditional_logistic"]
@@ -108,6 +109,16 @@ def _is_categorical(fn: Any) -> bool:
     return categorical_logits(fn) is not None
 
 
+def _one_hot_parts(fn: Any) -> tuple[jax.Array, jax.Array | None] | None:
+    """``(normalised logits, mask)`` of a :class:`~scgjax.dist.OneHotCategorical` inside
+    ``.to_event`` / ``.expand`` / ``.mask`` wrappers, both broadcastable against its values
+    (the classes last, see :func:`~scgjax.estimators.bernoulli.unwrap`), or ``None``."""
+    inner, mask = unwrap(fn)
+    if not isinstance(inner, OneHotCategorical):
+        return None
+    return jax.nn.log_softmax(inner.logits, axis=-1), mask
+
+
 def _categorical_under_event(fn: Any) -> bool:
     """A Categorical wrapped by ``.to_event`` (possibly with ``.expand``/``.mask`` too)."""
     event = False
@@ -144,18 +155,18 @@ class _Relaxed(Estimator):
         if _is_categorical(fn):
             if not self._categorical:
                 raise SiteError(name, f"uses {kind}, but its distribution is "
-                                f"{type(fn).__name__}; {kind} needs a Bernoulli site (its "
-                                "relaxation evaluates the costs at a real value in place of "
-                                "the bit, where a Categorical's costs take a class index); "
-                                "for a Categorical use sg.RELAX(control_variate), "
-                                "sg.RLOO() or sg.MeasureValued()")
-        elif self._categorical and bernoulli_parts(fn) is None:
+                                f"{type(fn).__name__}, whose costs take a class index, where "
+                                f"{kind}'s relaxation puts a point of the simplex: write the "
+                                "site with dist.OneHotCategorical (one-hot values, which "
+                                "x @ table and log_prob accept relaxed), or use "
+                                "sg.RELAX(control_variate), sg.RLOO() or sg.MeasureValued()")
+        elif _one_hot_parts(fn) is None and bernoulli_parts(fn) is None:
             raise SiteError(name, f"uses {kind}, but its distribution is {type(fn).__name__}; "
-                            f"{kind} needs a Bernoulli or a Categorical site "
-                            "(dist.Bernoulli / dist.Categorical with logits=... or probs=..., "
-                            "possibly with .expand / .mask; a Bernoulli also with .to_event)")
-        else:
-            require_bernoulli(self, name, fn)
+                            f"{kind} needs a Bernoulli, a OneHotCategorical"
+                            f"{' or a Categorical' if self._categorical else ''} site "
+                            "(dist.Bernoulli / dist.OneHotCategorical / dist.Categorical "
+                            "with logits=... or probs=..., possibly with .expand / .mask; "
+                            "all but a Categorical also with .to_event)")
         require_particles(self, name, num_particles, self._min_particles)
 
     def bound_refusal(self) -> str:
@@ -164,7 +175,15 @@ class _Relaxed(Estimator):
                 "ScoreFunction() without a baseline, or Pathwise()")
 
     def collect(self, msg: dict) -> dict:
-        out = _categorical_parts(msg) if _is_categorical(msg["fn"]) else logits_and_keep(msg)
+        one_hot = _one_hot_parts(msg["fn"])
+        if one_hot is not None:  # the classes last in the value itself
+            logits, mask = one_hot
+            out = {"logits": jnp.broadcast_to(logits, jnp.shape(msg["value"])),
+                   "keep": value_keep(msg, mask), "one_hot": jnp.zeros((0,))}
+        elif _is_categorical(msg["fn"]):
+            out = _categorical_parts(msg)
+        else:
+            out = logits_and_keep(msg)
         key = msg["kwargs"].get("rng_key")
         if key is None:
             raise SiteError(msg["name"], f"uses {type(self).__name__}, which needs the site's "
@@ -222,14 +241,17 @@ class _Relaxed(Estimator):
         keep = ctx.collected["keep"].astype(e0.dtype)
         f = stop(ctx.to_value_layout(ctx.learning_signal)).astype(e0.dtype)
         u, v = stop(ctx.collected["u"]), stop(ctx.collected["v"])
-        if eta.ndim == b.ndim + 1:  # Categorical: (K, *batch, C) log-probabilities
+        one_hot = "one_hot" in ctx.collected  # (K, *batch, C) values and log-probabilities
+        if one_hot or eta.ndim == b.ndim + 1:  # or a Categorical's (K, *batch) indices
             theta = jnp.exp(e0)
-            score = jax.nn.one_hot(b, e0.shape[-1], dtype=e0.dtype) - theta
-            z0 = conditional_gumbel(e0, b, u)  # z | b, the Gumbel noise z0 - e0 held fixed
+            index = jnp.argmax(b, axis=-1) if one_hot else b
+            score = (b.astype(e0.dtype) if one_hot
+                     else jax.nn.one_hot(b, e0.shape[-1], dtype=e0.dtype)) - theta
+            z0 = conditional_gumbel(e0, index, u)  # z | b, the Gumbel noise z0 - e0 held fixed
 
             def relax_z(e):
                 lp = jax.nn.log_softmax(e, axis=-1)
-                return z0 + (lp - e0), conditional_gumbel(lp, b, v)
+                return z0 + (lp - e0), conditional_gumbel(lp, index, v)
         else:  # Bernoulli: (K, *value_shape) logits
             b = b.astype(e0.dtype)
             theta = jax.nn.sigmoid(e0)
@@ -272,7 +294,7 @@ def _categorical_parts(msg: dict) -> dict[str, jax.Array]:
 @dataclasses.dataclass(frozen=True)
 class REBAR(_Relaxed):
     """REBAR (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein, NeurIPS 2017) for Bernoulli
-    sites.
+    and one-hot categorical sites (:class:`~scgjax.dist.OneHotCategorical`).
 
     Per particle ``k`` and element (notation of the module docstring)::
 
@@ -316,9 +338,16 @@ class REBAR(_Relaxed):
     sampled as floats (the objective evaluates or differentiates the costs at real values).
     Masked elements get no score gradient.
 
-    Requirements: a Bernoulli site (``K >= 2`` for ``"first_order"``); not for ``sg.IWAE``;
-    errors naming the site otherwise. Not for Categorical sites: the relaxed value would be a
-    vector on the simplex where the program expects a class index (use :class:`RELAX`).
+    For a one-hot categorical site (the paper's appendix) the relaxed value is the point of
+    the simplex ``softmax(z / lambda)`` of the Gumbel vector ``z``, in place of the one-hot
+    ``b = onehot(argmax z)``, and ``b - theta`` is the score; the costs must accept it (a
+    model written with ``b @ table`` or a ``log_prob`` linear in ``b`` does). A
+    ``dist.Categorical`` site, whose costs take a class index, is refused (write it with
+    ``dist.OneHotCategorical``, or use :class:`RELAX`).
+
+    Requirements: a Bernoulli or a OneHotCategorical site (``.to_event``, ``.expand`` and
+    ``.mask`` are fine; ``K >= 2`` for ``"first_order"``); not for ``sg.IWAE``; errors naming
+    the site otherwise.
 
     Reference: G. Tucker, A. Mnih, C. J. Maddison, D. Lawson and J. Sohl-Dickstein, "REBAR:
     Low-variance, unbiased gradient estimates for discrete latent variable models", NeurIPS
@@ -386,7 +415,9 @@ class REBAR(_Relaxed):
         return params["eta"]
 
     def relaxed_cv(self, ctx, z, theta, params):
-        s = jax.nn.sigmoid(z / jnp.exp(params["log_temperature"]))
+        temperature = jnp.exp(params["log_temperature"])
+        s = (jax.nn.softmax(z / temperature, axis=-1) if "one_hot" in ctx.collected
+             else jax.nn.sigmoid(z / temperature))
         if self.relaxation == "exact":  # f at the relaxed value: the program run again
             return ctx.to_value_layout(ctx.signal_at(s)).astype(z.dtype)
         stop = jax.lax.stop_gradient
@@ -440,9 +471,11 @@ class RELAX(_Relaxed):
     whole score part of the gradient through the logits (first derivatives only). Masked
     elements get no score gradient.
 
-    Requirements: a Bernoulli site (``.to_event``, ``.expand`` and ``.mask`` are fine) or a
-    Categorical site (``logits`` or ``probs``; ``.expand`` and ``.mask``, not ``.to_event``:
-    use a plate); not for ``sg.IWAE``; errors naming the site otherwise.
+    Requirements: a Bernoulli or a OneHotCategorical site (``.to_event``, ``.expand`` and
+    ``.mask`` are fine) or a Categorical site (``logits`` or ``probs``; ``.expand`` and
+    ``.mask``, not ``.to_event``: use a plate); not for ``sg.IWAE``; errors naming the site
+    otherwise. The control variate sees a one-hot site's Gumbel vector as it sees a
+    Categorical's.
 
     Reference: W. Grathwohl, D. Choi, Y. Wu, G. Roeder and D. Duvenaud, "Backpropagation
     through the Void: Optimizing control variates for black-box gradient estimation", ICLR

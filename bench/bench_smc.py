@@ -50,15 +50,21 @@ Measured per (K, T, threshold):
 **Diagnostics** (``--diag-settings``, threshold 0.5): where scgjax's time goes.
 ``jax.jit`` of the loss alone (value) and of ``jax.value_and_grad`` of it (no optimiser),
 interleaved rounds, for scgjax's loss and a ladder of hand-written versions that add
-scgjax's structure one piece at a time (all but ``hand`` compute scgjax's loss for the key,
-up to float rounding: normals drawn before the loop can round differently from those drawn in
-the body, and at large T a rounding difference can flip a resampling decision):
+scgjax's structure one piece at a time (all but ``hand`` and ``hand_one_key`` compute
+scgjax's loss for the key, up to float rounding: normals drawn before the loop can round
+differently from those drawn in the body, and at large T a rounding difference can flip a
+resampling decision):
 
 - ``hand``: as above;
 - ``hand_keys``: the noise scgjax derives from the key (per particle: its key split from the
   step's key, the loop's key from the particle's, ``T`` step keys from it; one normal per
   particle and step; the resampling's uniform from ``T`` keys split from ``fold_in(key, 2)``),
   drawn before the loop;
+- ``hand_one_key``: one key per particle (its key split from the step's key, then
+  ``fold_in(., 1)``) and the particle's ``T`` normals drawn from it in one call, before the
+  loop; the uniforms as scgjax: what the keys would cost if ``sg.scan`` drew a site's noise
+  for all steps from one key per particle instead of hashing a key per step and drawing from
+  it (about 4 hashes per value against 1/2);
 - ``hand_noise``: the same keys, each particle's normal drawn inside the loop's body from its
   step key (as the guide's step does under scgjax's ``sg.scan``), the uniforms before the loop;
 - ``hand_body``: the normals and the resampling's uniform drawn inside the body (as scgjax's
@@ -120,6 +126,7 @@ from _timing import (
 
 import scgjax as sg
 from scgjax import dist
+from scgjax.stepped_prng import step_keys
 
 HERE = Path(__file__).resolve().parent
 LR = 1e-2
@@ -128,12 +135,13 @@ INIT = {"a": 0.5, "log_q": 0.0, "log_r": 0.0, "pa": 0.3, "pb": 0.3, "log_s": 0.0
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 NAMES = ("scgjax", "hand", "iwae")
 LABELS = {"scgjax": "scgjax sg.SMC", "hand": "hand-written SMC", "iwae": "scgjax sg.IWAE"}
-DIAG_NAMES = ("scgjax", "hand", "hand_keys", "hand_noise", "hand_body", "hand_body2",
-              "scgjax_multi")
+DIAG_NAMES = ("scgjax", "hand", "hand_keys", "hand_one_key", "hand_noise", "hand_body",
+              "hand_body2", "scgjax_multi")
 DIAG_LABELS = {
     "scgjax": "scgjax sg.SMC loss",
     "hand": "hand-written (noise (T, K) before the loop)",
     "hand_keys": "hand, scgjax's keys, all drawn before the loop",
+    "hand_one_key": "hand, one key per particle, its T normals in one call before the loop",
     "hand_noise": "hand, scgjax's keys, proposal noise drawn in the body",
     "hand_body": "hand, scgjax's keys, noise and resampling uniform drawn in the body",
     "hand_body2": "hand_body + two carries resampled (as scgjax did) + (K, 1) searchsorted",
@@ -283,14 +291,15 @@ def sg_keys(key: jax.Array, k: int, horizon: int) -> tuple[jax.Array, jax.Array]
     """The keys scgjax's SMC derives from ``key`` (no plates, one latent site per step):
     ``(T, K)`` keys of the proposal's draws and ``(T,)`` keys of the resampling's uniforms.
     Particle ``i``'s key is ``split(key, K)[i]``; the guide's ``seed`` handler gives its
-    ``sg.scan`` the key ``split(particle key)[1]``, from which ``sg.scan`` splits the sites'
-    step keys ``split(fold_in(loop key, 1), (T, 1))``; the resampling's uniforms are drawn
+    ``sg.scan`` the key ``split(particle key)[1]``, from which ``sg.scan`` makes the sites'
+    stepped keys ``step_keys(fold_in(loop key, 1), T, (1,))`` (one stream per site, the step
+    in the counter: ``scgjax.stepped_prng``); the resampling's uniforms are drawn
     before the loop, ``uniform(fold_in(key, 2), (T, 1))``. (The keys returned for them, one
     per step, serve the ``hand_body`` diagnostic, which draws in the body: the same cost as a
     draw per step, another stream.)"""
     def particle(pk):
         loop = jax.random.split(pk)[1]
-        return jax.random.split(jax.random.fold_in(loop, 1), (horizon, 1))[:, 0]
+        return step_keys(jax.random.fold_in(loop, 1), horizon, (1,))[:, 0]
 
     draws = jax.vmap(particle)(jax.random.split(key, k)).T
     return draws, jax.random.split(jax.random.fold_in(key, 2), horizon)
@@ -313,6 +322,17 @@ def hand_keys_loss(p: dict, key: jax.Array, ys: jax.Array, k: int, threshold: fl
         uniform_keys = sg_uniforms(key, ys.shape[0])
     return smc_scan(p, ys, draws, uniform_keys, k, threshold, noise_in_body, uniform_in_body,
                     two_carries)
+
+
+def one_key_loss(p: dict, key: jax.Array, ys: jax.Array, k: int, threshold: float | None
+                 ) -> jax.Array:
+    """The hand-written SMC with one key per particle, ``fold_in(split(key, K)[i], 1)``, and
+    the particle's ``(T,)`` normals drawn from it in one call (another stream than scgjax's;
+    the uniforms are scgjax's)."""
+    horizon = ys.shape[0]
+    draws = jax.vmap(lambda pk: jax.random.normal(jax.random.fold_in(pk, 1), (horizon,)))(
+        jax.random.split(key, k)).T
+    return smc_scan(p, ys, draws, sg_uniforms(key, horizon), k, threshold)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,6 +548,7 @@ def diag_functions(k: int, threshold: float) -> dict[str, Callable]:
         "scgjax": lambda p, key, ys: smc.loss(key, p, model, guide, ys),
         "hand": lambda p, key, ys: hand_loss(p, key, ys, k, threshold),
         "hand_keys": lambda p, key, ys: hand_keys_loss(p, key, ys, k, threshold),
+        "hand_one_key": lambda p, key, ys: one_key_loss(p, key, ys, k, threshold),
         "hand_noise": lambda p, key, ys: hand_keys_loss(p, key, ys, k, threshold, True),
         "hand_body": lambda p, key, ys: hand_keys_loss(p, key, ys, k, threshold, True, True),
         "hand_body2": lambda p, key, ys: hand_keys_loss(p, key, ys, k, threshold, True, True,

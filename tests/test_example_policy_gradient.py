@@ -188,12 +188,29 @@ def instance(pg, env):
         loss = lambda key, p, fn=fn, state=state: objective.loss_with_state(
             key, p, state, fn)[0]
         samples[name] = grad_samples(loss, params, NUM_SAMPLES, seed=1)["logits"]
-    return {"exact": exact, "samples": samples, "params": params}
+    visits = np.asarray(pg.occupancy(env, logits, HORIZON)).sum(0)  # per episode and state
+    return {"exact": exact, "samples": samples, "params": params, "visits": visits}
+
+
+#: the fewest expected visits of a state over a test's episodes for its logits' gradient to be
+#: compared: below, a sample may hold no visit at all (its standard error then reads 0)
+MIN_VISITS = 30
+
+
+def assert_unbiased_where_visited(samples, instance, episodes):
+    """``assert_unbiased`` on the logits of the states visited at least ``MIN_VISITS`` times
+    in expectation over ``episodes`` episodes; a rarely visited state's few nonzero samples
+    give no usable standard error (a state visited about 4 times in 12,000 episodes, the
+    pit-side corner, is visited 0 times in one of some 100 runs)."""
+    rows = instance["visits"] * episodes >= MIN_VISITS
+    assert rows.sum() >= 8  # most reachable states are compared
+    assert_unbiased({"logits": np.asarray(samples)[:, rows]},
+                    {"logits": np.asarray(instance["exact"])[rows]})
 
 
 @pytest.mark.parametrize("variant", ["rewards-to-go", "whole return"])
 def test_both_estimators_are_unbiased(instance, variant):
-    assert_unbiased({"logits": instance["samples"][variant]}, {"logits": instance["exact"]})
+    assert_unbiased_where_visited(instance["samples"][variant], instance, NUM_SAMPLES * BATCH)
 
 
 def test_rewards_to_go_has_lower_gradient_variance(instance):
@@ -294,7 +311,8 @@ def scan_samples(pg, env, instance):
 
 @pytest.mark.parametrize("variant", ["rewards-to-go", "whole return"])
 def test_scan_estimators_are_unbiased(instance, scan_samples, variant):
-    assert_unbiased({"logits": scan_samples[variant]}, {"logits": instance["exact"]})
+    # NUM_SAMPLES / 2 samples of K = 2 particles of BATCH episodes
+    assert_unbiased_where_visited(scan_samples[variant], instance, NUM_SAMPLES * BATCH)
 
 
 def test_scan_rewards_to_go_has_lower_gradient_variance(scan_samples):

@@ -69,10 +69,12 @@ def value_keep(msg: dict, mask: jax.Array | None) -> jax.Array:
     return keep
 
 
-def logits_and_keep(msg: dict) -> dict[str, jax.Array]:
+def logits_and_keep(msg: dict, parts: tuple[jax.Array, jax.Array | None] | None = None
+                    ) -> dict[str, jax.Array]:
     """The site's logits and a boolean ``keep`` (False where masked by ``.mask`` or
-    ``sg.handlers.mask``), both in the layout of its value."""
-    logits, mask = bernoulli_parts(msg["fn"])
+    ``sg.handlers.mask``), both in the layout of its value; ``parts`` is ``(logits, mask)``
+    in that layout (default: the Bernoulli's, :func:`bernoulli_parts`)."""
+    logits, mask = bernoulli_parts(msg["fn"]) if parts is None else parts
     return {"logits": jnp.broadcast_to(logits, jnp.shape(msg["value"])),
             "keep": value_keep(msg, mask)}
 

@@ -54,7 +54,7 @@ from scgjax.baselines import site_to_signal_layout
 from scgjax.dist import OneHotCategorical
 from scgjax.errors import SiteError
 from scgjax.estimators.base import Estimator, ScoreContext, require_particles, zero_value
-from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep, unwrap, value_keep
+from scgjax.estimators.bernoulli import bernoulli_parts, logits_and_keep, unwrap
 from scgjax.estimators.unordered_set import categorical_logits
 
 __all__ = ["REBAR", "RELAX", "conditional_gumbel", "conditional_logistic"]
@@ -177,9 +177,7 @@ class _Relaxed(Estimator):
     def collect(self, msg: dict) -> dict:
         one_hot = _one_hot_parts(msg["fn"])
         if one_hot is not None:  # the classes last in the value itself
-            logits, mask = one_hot
-            out = {"logits": jnp.broadcast_to(logits, jnp.shape(msg["value"])),
-                   "keep": value_keep(msg, mask), "one_hot": jnp.zeros((0,))}
+            out = {**logits_and_keep(msg, one_hot), "one_hot": jnp.zeros((0,))}
         elif _is_categorical(msg["fn"]):
             out = _categorical_parts(msg)
         else:

@@ -16,7 +16,7 @@ layers of 200 units, 50 latents, Bernoulli pixels) on a fixed random binary batc
   50)``, ``log w`` per particle and image, minus the sum over images of ``logsumexp_k log w -
   log K``;
 - ``hand_dreg``: IWAE-DReG as it is usually written (Tucker et al. 2019's code): the
-  decoder's gradient from ``sum_k w^_k log w_k`` at stopped ``z``, the encoder's from
+  decoder's gradient from ``sum_k w^_k log w_k`` at stopped ``z`` and ``q``, the encoder's from
   ``sum_k stop(w^_k^2) log w_k`` with the decoder's params and ``q``'s parameters stopped and
   ``z``'s path kept;
 - ``hand_rws_dreg``: the same with the encoder's coefficients ``w^_k - w^_k^2``.

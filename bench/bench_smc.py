@@ -63,9 +63,9 @@ resampling decision):
 - ``hand_one_key``: one key per particle (its key split from the step's key, then
   ``fold_in(., 1)``) and the particle's ``T`` normals drawn from it in one call, before the
   loop; the uniforms as scgjax: what the keys would cost if ``sg.scan`` drew a site's noise
-  for all steps in one call from one key per particle instead of splitting a key per step and
-  drawing from each (one threefry hash per value against two, and a hash whose key words are
-  one per particle, not one per value);
+  for all steps in one call from one key per particle (before the stepped keys of
+  ``scgjax.stepped_prng`` it split a key per step and drew from each: two threefry hashes per
+  value, each a loop on the CPU whose state held a key word per value);
 - ``hand_noise``: the same keys, each particle's normal drawn inside the loop's body from its
   step key (as the guide's step does under scgjax's ``sg.scan``), the uniforms before the loop;
 - ``hand_body``: the normals and the resampling's uniform drawn inside the body (as scgjax's
@@ -127,6 +127,7 @@ from _timing import (
 
 import scgjax as sg
 from scgjax import dist
+from scgjax.stepped_prng import step_keys
 
 HERE = Path(__file__).resolve().parent
 LR = 1e-2
@@ -291,14 +292,15 @@ def sg_keys(key: jax.Array, k: int, horizon: int) -> tuple[jax.Array, jax.Array]
     """The keys scgjax's SMC derives from ``key`` (no plates, one latent site per step):
     ``(T, K)`` keys of the proposal's draws and ``(T,)`` keys of the resampling's uniforms.
     Particle ``i``'s key is ``split(key, K)[i]``; the guide's ``seed`` handler gives its
-    ``sg.scan`` the key ``split(particle key)[1]``, from which ``sg.scan`` splits the sites'
-    step keys ``split(fold_in(loop key, 1), (T, 1))``; the resampling's uniforms are drawn
+    ``sg.scan`` the key ``split(particle key)[1]``, from which ``sg.scan`` makes the sites'
+    stepped keys ``step_keys(fold_in(loop key, 1), T, (1,))`` (one stream per site, the step
+    in the counter: ``scgjax.stepped_prng``); the resampling's uniforms are drawn
     before the loop, ``uniform(fold_in(key, 2), (T, 1))``. (The keys returned for them, one
     per step, serve the ``hand_body`` diagnostic, which draws in the body: the same cost as a
     draw per step, another stream.)"""
     def particle(pk):
         loop = jax.random.split(pk)[1]
-        return jax.random.split(jax.random.fold_in(loop, 1), (horizon, 1))[:, 0]
+        return step_keys(jax.random.fold_in(loop, 1), horizon, (1,))[:, 0]
 
     draws = jax.vmap(particle)(jax.random.split(key, k)).T
     return draws, jax.random.split(jax.random.fold_in(key, 2), horizon)

@@ -44,6 +44,7 @@ from scgjax import primitives, provenance
 from scgjax.dist import StackedSteps
 from scgjax.errors import SiteError
 from scgjax.primitives import CondIndepFrame, Message, Messenger
+from scgjax.stepped_prng import step_keys
 
 __all__ = ["ScanStep", "Transition", "hoisted_scan", "scan", "split_step"]
 
@@ -68,9 +69,9 @@ class ScanStep(NamedTuple):
         length: the number of steps ``T``.
         index: the step's index ``t`` (traced; ``0 .. T-1`` also when the loop runs in reverse).
         rng_key: the step's PRNG key, or ``None`` when no ``seed`` handler gave the loop one.
-        site_keys: the step's keys, one per site that asks for one, split for all steps at
-            once before the loop (so the body hashes no key), or ``None``: then split from
-            ``rng_key``.
+        site_keys: the step's keys, one per site that asks for one: stepped keys
+            (:mod:`scgjax.stepped_prng`, one stream per site across the steps, made before the
+            loop with no hash per step), or ``None``: then split from ``rng_key``.
         requests: how many keys the step's sites have asked for (a counter shared by the
             handlers of the step).
         choice: when the loop runs at a :class:`Transition`, the joint value index that the
@@ -254,16 +255,17 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
 
     steps: dict[str, Any] = {"index": jnp.arange(length)}
     if key is not None:
-        # Count the keys a step asks for (one abstract run of the body), then split them for
-        # all steps in one call: the loop's body then hashes no key (on CPU a split inside the
-        # body costs about as much as a small step).
+        # Count the keys a step asks for (one abstract run of the body), then give each site
+        # a stepped key per step (one stream per site across the steps, stepped_prng): the
+        # body hashes no key, and the draws of all steps, hoisted out of the loop, cost what
+        # one draw of the whole (T, ...) array from one key does.
         steps["key"] = jax.random.split(key, length)
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)),
                            (steps, xs))
         jax.eval_shape(body, init, one)
         n = len(counted)
         if n:
-            steps["site_keys"] = jax.random.split(jax.random.fold_in(key, 1), (length, n))
+            steps["site_keys"] = step_keys(jax.random.fold_in(key, 1), length, (n,))
     if requests["runner"] is not None:
         final, (ys, arrays) = requests["runner"](body, init, steps, xs, static)
     elif transition is None:

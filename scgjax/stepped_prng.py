@@ -19,9 +19,10 @@ whole ``(T, ...)`` array from one key does (``bench/bench_smc.py``).
 
 ``split`` and ``fold_in`` of a stepped key first hash its step into a plain threefry key,
 ``threefry2x32((k0, k1), (2^31 + t, 0))`` (a counter that no draw reaches while ``t < 2^31``),
-then split or fold that key as JAX's threefry does; the keys they return are stepped keys at
+then split or fold that key as JAX's partitionable threefry does (the counters ``(0, i)``,
+``(0, value)``; with the same written-out hash); the keys they return are stepped keys at
 step 0, whose bits are those of the plain threefry key. So a key a site derives from its
-stepped key is as independent of the stream as a split key is.
+stepped key is as independent of the stream as a split key is, and deriving it costs no loop.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -83,20 +84,30 @@ def _seed(seed: jax.Array) -> jax.Array:
     return _stepped(jex_random.threefry_prng_impl.seed(seed))
 
 
+def _index(shape: tuple[int, ...]) -> jax.Array:
+    """``0 .. |shape| - 1`` as ``uint32``, in ``shape``."""
+    if math.prod(shape) >= 2**32:
+        raise NotImplementedError("a stepped key draws fewer than 2**32 words at a time")
+    return jax.lax.iota(np.uint32, math.prod(shape)).reshape(shape)
+
+
 def _split(data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return _stepped(jex_random.threefry_prng_impl.split(_plain(data), shape))
+    # JAX's partitionable threefry split of the plain key: the counters (0, i)
+    plain = _plain(data)
+    index = _index(shape)
+    x, y = _threefry(plain[0], plain[1], jnp.zeros_like(index), index)
+    return _stepped(jnp.stack([x, y], axis=-1))
 
 
 def _fold_in(data: jax.Array, value: jax.Array) -> jax.Array:
-    return _stepped(jex_random.threefry_prng_impl.fold_in(_plain(data), value))
+    # JAX's threefry fold_in of the plain key: the counter (0, value)
+    plain = _plain(data)
+    x, y = _threefry(plain[0], plain[1], np.uint32(0), jnp.asarray(value).astype(np.uint32))
+    return _stepped(jnp.stack([x, y], axis=-1))
 
 
 def _random_bits(data: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
-    size = math.prod(shape)
-    if size >= 2**32:
-        raise NotImplementedError("a stepped key draws fewer than 2**32 words at a time")
-    index = jax.lax.iota(np.uint32, size).reshape(shape)
-    x, y = _threefry(data[0], data[1], data[2], index)
+    x, y = _threefry(data[0], data[1], data[2], _index(shape))
     dtype = _UINT[bit_width]
     if bit_width == 64:
         return (x.astype(dtype) << dtype(32)) | y.astype(dtype)

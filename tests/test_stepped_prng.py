@@ -130,3 +130,17 @@ def test_draws_of_all_steps_compile_to_no_loop():
     loops = [line.split(" while(")[0] for line in hlo.splitlines() if " while(" in line]
     assert loops  # (the particles' keys)
     assert not [state for state in loops if "[8,50" in state or "[50" in state], loops
+
+
+def test_split_and_fold_in_are_threefrys_of_the_plain_key():
+    """A stepped key's split and fold_in are JAX's partitionable threefry split and fold_in of
+    its plain key (the step hashed in), written out."""
+    from scgjax.stepped_prng import _plain
+
+    key = step_keys(jax.random.key(8), 3)[2]
+    plain = jax.random.wrap_key_data(_plain(jax.random.key_data(key)))
+    with jax.threefry_partitionable(True):
+        split = jax.random.key_data(jax.random.split(plain, (2, 3)))
+        folded = jax.random.key_data(jax.random.fold_in(plain, 12345))
+    assert np.array_equal(jax.random.key_data(jax.random.split(key, (2, 3)))[..., :2], split)
+    assert np.array_equal(jax.random.key_data(jax.random.fold_in(key, 12345))[..., :2], folded)

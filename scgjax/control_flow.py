@@ -315,7 +315,9 @@ def split_step(f: Callable, init: Any, xs: Any) -> tuple[list, Callable]:
     """``f(carry, x)`` split by data dependence into the work of every step that depends on
     its ``x`` only, done now for all steps at once (one ``vmap`` over the leading axis of
     ``xs``), and the rest: returns ``(residuals, step)`` with ``step(carry, r) == f(carry, x)``
-    for ``r`` the residuals' slice of the step. A ``ValueError`` where there is nothing to
+    for ``r`` the residuals' slice of the step (what the input-only work computes from
+    constants alone, the same at every step, is not among them: ``step`` holds it as a
+    constant of the loop). A ``ValueError`` where there is nothing to
     split off (no inputs, effects, a program traced for its graph, no input-only work); any
     other exception where partial evaluation does not apply. :func:`hoisted_scan` is
     ``lax.scan`` of ``step`` over the residuals."""
@@ -337,16 +339,34 @@ def split_step(f: Callable, init: Any, xs: Any) -> tuple[list, Callable]:
     if not residuals:
         raise ValueError("nothing to hoist")
     hoisted = jax.vmap(jex_core.jaxpr_as_fun(known))(*inputs)[-len(residuals):]
+    # a residual computed from constants alone (a parameter's transform: the same at every
+    # step) enters the loop once, as a constant of its body, not sliced from a (T, ...) array
+    varies = _depends_on_inputs(known.jaxpr)[-len(residuals):]
+    fixed = [None if v else h[0] for h, v in zip(hoisted, varies, strict=True)]
+    if not any(varies):
+        raise ValueError("nothing to hoist")
     n = len(carry)
     carry_tree, ys_tree = jax.tree.structure(out_shape[0]), jax.tree.structure(out_shape[1])
     dtypes = [jnp.result_type(c) for c in carry]
 
     def step(c, r):
-        out = jex_core.jaxpr_as_fun(unknown)(*r, *jax.tree.leaves(c))
+        per_step = iter(r)
+        full = [next(per_step) if f is None else f for f in fixed]
+        out = jex_core.jaxpr_as_fun(unknown)(*full, *jax.tree.leaves(c))
         new = [o.astype(d) for o, d in zip(out[:n], dtypes, strict=True)]
         return jax.tree.unflatten(carry_tree, new), jax.tree.unflatten(ys_tree, list(out[n:]))
 
-    return list(hoisted), step
+    return [h for h, v in zip(hoisted, varies, strict=True) if v], step
+
+
+def _depends_on_inputs(jaxpr: Any) -> list[bool]:
+    """Per output of ``jaxpr``, whether it depends on an input (an ``invar``) rather than on
+    constants alone; an equation with any dependent operand counts as dependent as a whole."""
+    dependent = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, jex_core.Var) and v in dependent for v in eqn.invars):
+            dependent.update(eqn.outvars)
+    return [isinstance(v, jex_core.Var) and v in dependent for v in jaxpr.outvars]
 
 
 def _marks_sources(jaxpr: Any) -> bool:

@@ -403,3 +403,30 @@ def test_plates_inside_the_body():
     obj = sg.Expectation(num_particles=20)
     g = grad_samples(lambda key, p: obj.loss(key, p, program), params, 400)
     assert_unbiased(g, jax.grad(lambda p: exact_return(p["w"]))(params))
+
+
+def test_split_step_passes_step_invariant_work_as_constants():
+    """``control_flow.split_step``: the input-only work of a step is done for all steps before
+    the loop, and what it computes from constants alone (a parameter's transform) enters the
+    loop once instead of as a ``(T, ...)`` array; the split step gives ``f``'s values."""
+    from scgjax.control_flow import hoisted_scan, split_step
+
+    scale = jnp.asarray(0.7)
+
+    def f(total, inputs):
+        key, x = inputs
+        noise = jax.random.normal(key, (3,))  # per step: hoisted
+        spread = jnp.exp(scale) * 2.0  # the same at every step: a constant of the loop
+        return total * spread + noise.sum() + x, noise  # (spread meets the carry)
+
+    length = 6
+    xs = (jax.random.split(jax.random.key(0), length), jnp.arange(length, dtype=jnp.float32))
+    residuals, step = split_step(f, 0.0, xs)
+    assert residuals and all(jnp.shape(r)[0] == length for r in residuals)
+    assert not any(jnp.shape(r) == (length,) and jnp.allclose(r, 2.0 * jnp.exp(scale))
+                   for r in residuals)  # the spread is not among the per-step residuals
+    expected = jax.lax.scan(f, 0.0, xs)
+    got = hoisted_scan(f, 0.0, xs, length)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6)
+    np.testing.assert_allclose(jax.lax.scan(step, 0.0, residuals)[0], expected[0], rtol=1e-6)

@@ -486,7 +486,10 @@ def _ancestor(position: jax.Array, log_norm: jax.Array) -> jax.Array:
     k = log_norm.shape[0]
     flat = log_norm.reshape((k, -1))
     cum = jnp.cumsum(jnp.exp(flat), axis=0)
-    found = jax.vmap(jnp.searchsorted, in_axes=(1, 0))(cum, position * cum[-1])
+    if flat.shape[1] == 1:  # one sequence: a search of a (K,) array, not of a (K, 1) column
+        found = jnp.searchsorted(cum[:, 0], position.reshape(()) * cum[-1, 0])
+    else:
+        found = jax.vmap(jnp.searchsorted, in_axes=(1, 0))(cum, position * cum[-1])
     return jnp.minimum(found, k - 1).reshape(log_norm.shape[1:])
 
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from scgjax import primitives, provenance
+from scgjax import primitives, provenance, stepped_prng
 from scgjax.dist import StackedSteps
 from scgjax.errors import SiteError
 from scgjax.primitives import CondIndepFrame, Message, Messenger
@@ -259,13 +259,13 @@ def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None,
         # a stepped key per step (one stream per site across the steps, stepped_prng): the
         # body hashes no key, and the draws of all steps, hoisted out of the loop, cost what
         # one draw of the whole (T, ...) array from one key does.
-        steps["key"] = jax.random.split(key, length)
+        steps["key"] = stepped_prng.split(key, length)
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)),
                            (steps, xs))
         jax.eval_shape(body, init, one)
         n = len(counted)
         if n:
-            steps["site_keys"] = step_keys(jax.random.fold_in(key, 1), length, (n,))
+            steps["site_keys"] = step_keys(stepped_prng.fold_in(key, 1), length, (n,))
     if requests["runner"] is not None:
         final, (ys, arrays) = requests["runner"](body, init, steps, xs, static)
     elif transition is None:

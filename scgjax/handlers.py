@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import biject_to, constraints
 
+from scgjax import stepped_prng
 from scgjax.errors import ScgjaxError, SiteError
 from scgjax.primitives import Message, Messenger, check_estimator, describe_bad
 
@@ -205,7 +206,7 @@ class seed(Messenger):
             step = getattr(self, "_step", None)
             key = None if step is None else step.next_key()
             if key is None:
-                self._key, key = jax.random.split(self._key)
+                self._key, key = stepped_prng.split(self._key)
             msg["kwargs"]["rng_key"] = key
 
 

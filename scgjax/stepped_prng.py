@@ -38,13 +38,14 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import random as jex_random
 
-__all__ = ["STEPPED", "step_keys"]
+__all__ = ["STEPPED", "fold_in", "split", "step_keys"]
 
 _UINT = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
 _DERIVE = np.uint32(2**31)  # the high counter word of the key that split / fold_in hash to
@@ -91,19 +92,26 @@ def _index(shape: tuple[int, ...]) -> jax.Array:
     return jax.lax.iota(np.uint32, math.prod(shape)).reshape(shape)
 
 
-def _split(data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    # JAX's partitionable threefry split of the plain key: the counters (0, i)
-    plain = _plain(data)
+def _split_words(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """JAX's partitionable threefry split of the key words ``(2,)``: the counters ``(0, i)``,
+    ``(*shape, 2)``."""
     index = _index(shape)
-    x, y = _threefry(plain[0], plain[1], jnp.zeros_like(index), index)
-    return _stepped(jnp.stack([x, y], axis=-1))
+    x, y = _threefry(words[0], words[1], jnp.zeros_like(index), index)
+    return jnp.stack([x, y], axis=-1)
+
+
+def _fold_in_words(words: jax.Array, value: Any) -> jax.Array:
+    """JAX's threefry fold_in of the key words ``(2,)``: the counter ``(0, value)``."""
+    x, y = _threefry(words[0], words[1], np.uint32(0), jnp.asarray(value).astype(np.uint32))
+    return jnp.stack([x, y], axis=-1)
+
+
+def _split(data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return _stepped(_split_words(_plain(data), shape))
 
 
 def _fold_in(data: jax.Array, value: jax.Array) -> jax.Array:
-    # JAX's threefry fold_in of the plain key: the counter (0, value)
-    plain = _plain(data)
-    x, y = _threefry(plain[0], plain[1], np.uint32(0), jnp.asarray(value).astype(np.uint32))
-    return _stepped(jnp.stack([x, y], axis=-1))
+    return _stepped(_fold_in_words(_plain(data), value))
 
 
 def _random_bits(data: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
@@ -129,8 +137,47 @@ def step_keys(key: jax.Array, length: int, shape: tuple[int, ...] = ()) -> jax.A
         (5, 2)
     """
     # (*shape, 2): the threefry words (a stepped key splits into stepped keys at step 0)
-    bases = jax.random.key_data(jax.random.split(key, shape))[..., :2]
+    bases = jax.random.key_data(split(key, shape))[..., :2]
     bases = jnp.broadcast_to(bases, (length, *bases.shape))
     steps = jnp.broadcast_to(jnp.arange(length, dtype=np.uint32).reshape(
         (length,) + (1,) * (len(shape) + 1)), (length, *shape, 1))
     return jax.random.wrap_key_data(jnp.concatenate([bases, steps], axis=-1), impl=STEPPED)
+
+
+def _written_out(key: jax.Array) -> bool:
+    """Whether :func:`split` and :func:`fold_in` of ``key`` can use the written-out hash and
+    give JAX's keys: a threefry key with JAX's partitionable threefry (the default)."""
+    return (str(jax.random.key_impl(key)) == "threefry2x32"
+            and bool(jax.config.jax_threefry_partitionable))
+
+
+def split(key: jax.Array, num: int | tuple[int, ...] = 2) -> jax.Array:
+    """``jax.random.split(key, num)``, the same keys, with the hash written out for a
+    threefry key (as for a stepped key): no CPU threefry loop, so that the keys that handlers
+    derive per particle and per site fuse with their use. Falls back to ``jax.random.split``
+    for other implementations, or with ``jax_threefry_partitionable`` off.
+
+    Example:
+        >>> key = jax.random.key(3)
+        >>> bool((jax.random.key_data(split(key, 4))
+        ...       == jax.random.key_data(jax.random.split(key, 4))).all())
+        True
+    """
+    shape = (num,) if isinstance(num, int) else tuple(num)
+    if not _written_out(key):
+        return jax.random.split(key, shape)
+    return jax.random.wrap_key_data(_split_words(jax.random.key_data(key), shape))
+
+
+def fold_in(key: jax.Array, data: Any) -> jax.Array:
+    """``jax.random.fold_in(key, data)``, the same key, written out as :func:`split` is.
+
+    Example:
+        >>> key = jax.random.key(3)
+        >>> bool((jax.random.key_data(fold_in(key, 7))
+        ...       == jax.random.key_data(jax.random.fold_in(key, 7))).all())
+        True
+    """
+    if not _written_out(key):
+        return jax.random.fold_in(key, data)
+    return jax.random.wrap_key_data(_fold_in_words(jax.random.key_data(key), jnp.uint32(data)))

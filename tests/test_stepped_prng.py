@@ -144,3 +144,27 @@ def test_split_and_fold_in_are_threefrys_of_the_plain_key():
         folded = jax.random.key_data(jax.random.fold_in(plain, 12345))
     assert np.array_equal(jax.random.key_data(jax.random.split(key, (2, 3)))[..., :2], split)
     assert np.array_equal(jax.random.key_data(jax.random.fold_in(key, 12345))[..., :2], folded)
+
+
+def test_written_out_split_and_fold_in_give_jaxs_keys():
+    """``stepped_prng.split`` / ``fold_in`` of a threefry key: the keys of ``jax.random``'s, for
+    shapes, under ``vmap`` and jit, with traced data; another implementation falls back."""
+    from scgjax.stepped_prng import fold_in, split
+
+    keys = jax.random.split(jax.random.key(11), 5)
+    words = jax.random.key_data
+
+    def same(a, b):
+        return np.array_equal(np.asarray(words(a)), np.asarray(words(b)))
+
+    for num in (2, 7, (3, 2), ()):
+        assert same(jax.vmap(lambda k, n=num: split(k, n))(keys),
+                    jax.vmap(lambda k, n=num: jax.random.split(k, n))(keys))
+    data = jnp.arange(5, dtype=jnp.uint32) * 1000003
+    assert same(jax.jit(jax.vmap(fold_in))(keys, data), jax.vmap(jax.random.fold_in)(keys, data))
+    assert same(fold_in(keys[0], 0x9E3779B9), jax.random.fold_in(keys[0], 0x9E3779B9))
+    with jax.threefry_partitionable(False):  # JAX's other split: the fallback
+        assert same(split(keys[0], 4), jax.random.split(keys[0], 4))
+    rbg = jax.random.key(0, impl="rbg")
+    assert same(split(rbg, 3), jax.random.split(rbg, 3))
+    assert same(fold_in(rbg, 5), jax.random.fold_in(rbg, 5))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scgjax import handlers
+from scgjax import handlers, stepped_prng
 from scgjax.errors import SiteError
 from scgjax.estimators import default_estimator
 from scgjax.estimators.base import PARTICLE_AXIS
@@ -223,9 +223,9 @@ class Objective:
                 arrays = jax.tree.map(lambda x: x[None], one_particle(key, first))
             elif chunk is not None and chunk < k:
                 arrays = jax.lax.map(lambda kp: one_particle(*kp),
-                                     (jax.random.split(key, k), probes), batch_size=chunk)
+                                     (stepped_prng.split(key, k), probes), batch_size=chunk)
             else:
-                keys = jax.random.split(key, k)
+                keys = stepped_prng.split(key, k)
                 arrays = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(keys, probes)
             if not summed:
                 return arrays

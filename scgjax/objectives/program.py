@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from scgjax import handlers
+from scgjax import handlers, stepped_prng
 from scgjax.dist import joint_support
 from scgjax.errors import SiteError
 from scgjax.estimators import Enumerate, default_estimator
@@ -162,7 +162,7 @@ def run(kind: str, rng_key: jax.Array, params: dict, programs: tuple, args: tupl
         guide_tr = sampled_trace(guide, rng_key, "guide")
     # The model's key only matters for sites the guide does not replay (rare); derived
     # lazily so that XLA drops it when unused.
-    key_model = jax.random.fold_in(rng_key, 1)
+    key_model = stepped_prng.fold_in(rng_key, 1)
     # replay inside seed: the replayed sites need no key of their own; the sites summed out
     # take the configuration's value
     model_fn = marginalise(handlers.substitute_unconstrained(model, params), guide_tr,

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scgjax import control_flow, handlers, primitives
+from scgjax import control_flow, handlers, primitives, stepped_prng
 from scgjax.errors import SiteError
 from scgjax.estimators.base import PARTICLE_AXIS, Estimator, magic_box
 from scgjax.estimators.pathwise import Pathwise
@@ -147,7 +147,7 @@ class SMC(Objective):
         structure = self.structure(key, params, model, guide, *args, **kwargs)
         loop, score_sites = _check_structure(structure)
         k = self.num_particles
-        resample_key = jax.random.fold_in(key, 2)
+        resample_key = stepped_prng.fold_in(key, 2)
 
         static: dict = {}
 
@@ -160,7 +160,7 @@ class SMC(Objective):
         if k == 1:
             out = jax.tree.map(lambda x: x[None], one_particle(key))
         else:
-            out = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(jax.random.split(key, k))
+            out = jax.vmap(one_particle, axis_name=PARTICLE_AXIS)(stepped_prng.split(key, k))
         delta = out["delta"][0]  # (T, *outer): the same in every particle
         scale = static["scale"]
         log_z = delta.sum(0)
@@ -296,7 +296,7 @@ def _run_particle(smc: SMC, loop: str, score_sites: tuple[str, ...], particle_ke
     model_fn = _loop_requests(handlers.substitute_unconstrained(model, params), loop, joint,
                               current)
     model_fn = handlers.seed(handlers.same_plate_sizes(model_fn, plate_sizes, "model"),
-                             jax.random.fold_in(particle_key, 1))
+                             stepped_prng.fold_in(particle_key, 1))
 
     def run_model(body, init, steps, xs, sites):
         result["guide_loop"] = body, init, steps, xs, sites

@@ -24,6 +24,11 @@ then split or fold that key as JAX's partitionable threefry does (the counters `
 step 0, whose bits are those of the plain threefry key. So a key a site derives from its
 stepped key is as independent of the stream as a split key is, and deriving it costs no loop.
 
+:func:`split` and :func:`fold_in` are ``jax.random.split`` and ``jax.random.fold_in`` with the
+same written-out hash for threefry keys (the same keys as JAX's partitionable threefry, JAX's
+default): the handlers derive each particle's and each site's keys with them, so that those
+keys cost no CPU loop either.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> base = jax.random.key(0)

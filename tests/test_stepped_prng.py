@@ -165,6 +165,9 @@ def test_written_out_split_and_fold_in_give_jaxs_keys():
     assert same(fold_in(keys[0], 0x9E3779B9), jax.random.fold_in(keys[0], 0x9E3779B9))
     with jax.threefry_partitionable(False):  # JAX's other split: the fallback
         assert same(split(keys[0], 4), jax.random.split(keys[0], 4))
+    raw = jax.random.PRNGKey(2)  # a legacy uint32 key: jax.random's, raw keys back
+    assert np.array_equal(split(raw, 3), jax.random.split(raw, 3))
+    assert np.array_equal(fold_in(raw, 4), jax.random.fold_in(raw, 4))
     rbg = jax.random.key(0, impl="rbg")
     assert same(split(rbg, 3), jax.random.split(rbg, 3))
     assert same(fold_in(rbg, 5), jax.random.fold_in(rbg, 5))

@@ -67,14 +67,16 @@ resampling decision):
   drew from each: two threefry hashes per value, each a loop on the CPU whose state held a
   key word per value, 1.17-1.23x at K = 256, T = 1,000);
 - ``hand_noise``: the same keys, each particle's normal drawn inside the loop's body from its
-  step key (as the guide's step does under scgjax's ``sg.scan``), the uniforms before the loop;
+  step key (as the guide's step did under scgjax's ``sg.scan`` before its draws were hoisted
+  out of the loop), the uniforms before the loop;
 - ``hand_body``: the normals and the resampling's uniform drawn inside the body (as scgjax's
-  resampling does too);
+  resampling did before it drew its uniforms before the loop);
 - ``hand_body2``: ``hand_body`` with the guide's and the model's carries resampled
   separately (two gathers, two scatter-adds in the backward pass), as
   ``scgjax/objectives/smc.py`` did until it resampled a leaf that the two carries share
   (here ``z``) once, and the systematic resampling's ``searchsorted`` on a ``(K, 1)`` array,
-  as it still does (one column per element of the plates around the loop);
+  as it did until it searched a ``(K,)`` array when there is one sequence (it still searches
+  one column per element of the plates around the loop otherwise);
 - ``scgjax_multi``: scgjax's loss with ``resample="multinomial"`` (for reference: it draws
   ``jax.random.categorical(key, log_norm, axis=0, shape=(K, ...))``, Gumbel noise of shape
   ``(K, K)`` per step; only where ``K^2 T <= 10^7``);
@@ -226,7 +228,8 @@ def normal_lp(x: jax.Array, loc: jax.Array, scale: jax.Array) -> jax.Array:
 def systematic(log_w: jax.Array, total: jax.Array, u: jax.Array, column: bool = False
                ) -> jax.Array:
     """``K`` ancestor indices by systematic resampling with uniform ``u``, from stopped
-    weights; ``column``: on a ``(K, 1)`` array, as ``scgjax/objectives/smc.py`` does."""
+    weights; ``column``: on a ``(K, 1)`` array, as ``scgjax/objectives/smc.py`` does with
+    plates around the loop (one column per element)."""
     k = log_w.shape[0]
     w = jnp.exp(jax.lax.stop_gradient(log_w - total))
     positions = (jnp.arange(k) + u) / k

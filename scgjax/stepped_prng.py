@@ -169,7 +169,7 @@ def split(key: jax.Array, num: int | tuple[int, ...] = 2) -> jax.Array:
         ...       == jax.random.key_data(jax.random.split(key, 4))).all())
         True
     """
-    shape = (num,) if isinstance(num, int) else tuple(num)
+    shape = (int(num),) if np.ndim(num) == 0 else tuple(num)
     if not _written_out(key):
         return jax.random.split(key, shape)
     return jax.random.wrap_key_data(_split_words(jax.random.key_data(key), shape))

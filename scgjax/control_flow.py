@@ -341,7 +341,8 @@ def split_step(f: Callable, init: Any, xs: Any) -> tuple[list, Callable]:
     hoisted = jax.vmap(jex_core.jaxpr_as_fun(known))(*inputs)[-len(residuals):]
     # a residual computed from constants alone (a parameter's transform: the same at every
     # step) enters the loop once, as a constant of its body, not sliced from a (T, ...) array
-    varies = _depends_on_inputs(known.jaxpr)[-len(residuals):]
+    varies = [bool(d) for d in provenance.dependencies(
+        jex_core.jaxpr_as_fun(known), *jax.tree.leaves(one))][-len(residuals):]
     fixed = [None if v else h[0] for h, v in zip(hoisted, varies, strict=True)]
     if not any(varies):
         raise ValueError("nothing to hoist")
@@ -357,16 +358,6 @@ def split_step(f: Callable, init: Any, xs: Any) -> tuple[list, Callable]:
         return jax.tree.unflatten(carry_tree, new), jax.tree.unflatten(ys_tree, list(out[n:]))
 
     return [h for h, v in zip(hoisted, varies, strict=True) if v], step
-
-
-def _depends_on_inputs(jaxpr: Any) -> list[bool]:
-    """Per output of ``jaxpr``, whether it depends on an input (an ``invar``) rather than on
-    constants alone; an equation with any dependent operand counts as dependent as a whole."""
-    dependent = set(jaxpr.invars)
-    for eqn in jaxpr.eqns:
-        if any(isinstance(v, jex_core.Var) and v in dependent for v in eqn.invars):
-            dependent.update(eqn.outvars)
-    return [isinstance(v, jex_core.Var) and v in dependent for v in jaxpr.outvars]
 
 
 def _marks_sources(jaxpr: Any) -> bool:

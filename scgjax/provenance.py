@@ -4,8 +4,9 @@ The stochastic computation graph is read off the program's *data flow*, not its 
 a cost depends on a random choice exactly when a value computed from the choice reaches it.
 :func:`dependencies` traces a function to a jaxpr (no computation runs) and propagates, through
 every equation, the set of inputs each variable was computed from. Sub-jaxprs (``jit``,
-``custom_jvp``/``custom_vjp`` calls, ``cond``, ``scan``, ``while``) are followed inside, with a
-fixed point over loop carries, so structure survives jitted helpers and loops; any other
+``custom_jvp``/``custom_vjp``/``custom_vmap`` calls, ``cond``, ``scan``, ``while``) are followed
+inside, with a fixed point over loop carries, so structure survives jitted helpers and loops;
+any other
 primitive is treated conservatively (every output depends on every input), which can only
 over-approximate the graph: the estimator stays unbiased, at worst with more variance.
 
@@ -236,7 +237,7 @@ def _single_subjaxpr(params: dict) -> jex_core.Jaxpr | None:
     subs = [
         _open(v) for k, v in params.items()
         if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr)) and k in (
-            "jaxpr", "call_jaxpr", "fun_jaxpr"
+            "jaxpr", "call_jaxpr", "fun_jaxpr", "call"  # (custom_vmap's: "call")
         )
     ]
     return subs[0] if len(subs) == 1 else None

@@ -430,3 +430,92 @@ def test_split_step_passes_step_invariant_work_as_constants():
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-6)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-6)
     np.testing.assert_allclose(jax.lax.scan(step, 0.0, residuals)[0], expected[0], rtol=1e-6)
+
+
+def _steps_programs(global_latent: bool):
+    """A model and guide whose steps' input-only work uses the data (shared by the particles),
+    the steps' own draws (batched inputs) and, with ``global_latent``, a per-particle global
+    ``g`` (a batched constant of the hoisted work; else ``g`` is a param)."""
+
+    def global_value(name, loc):
+        if global_latent:
+            return sg.sample(name, dist.Normal(loc, 1.0))
+        return sg.param(f"{name}_param", 0.4)
+
+    def model(ys):
+        g = global_value("g", 0.0)
+        s = sg.param("s", 0.3)
+
+        def step(z, y):
+            z = sg.sample("z", dist.Normal(0.8 * z + g * y, jnp.exp(s)))
+            sg.sample("y", dist.Normal(z, 1.0), obs=y)
+            return z, None
+
+        sg.scan(step, 0.0, xs=ys)
+
+    def guide(ys):
+        g = global_value("g", sg.param("loc", 0.1))
+        a, b = sg.param("a", 0.5), sg.param("b", 0.2)
+
+        def step(z, y):
+            return sg.sample("z", dist.Normal(a * z + b * y + 0.1 * g, 0.9)), None
+
+        sg.scan(step, 0.0, xs=ys)
+
+    return model, guide
+
+
+def _drawn_layouts(hlo: str) -> set[str]:
+    """The shapes and layouts of the (K, T) standard normals of the compiled program: what the
+    fusions computing an inverse error function (``jax.random.normal``'s) return."""
+    import re
+
+    computations = re.split(r"\n(?=\S)", hlo)
+    fused = {c.split(" ", 1)[0].lstrip("%") for c in computations if "erf_inv" in c}
+    found = re.findall(r"= (f32\[\d+,\d+\]\{[\d,]+\}) fusion\([^\n]*calls=%([\w.]+)", hlo)
+    return {shape for shape, called in found if called in fused}
+
+
+@pytest.mark.parametrize("objective", [sg.IWAE(16), sg.SMC(16)], ids=["iwae", "smc"])
+def test_hoisted_work_runs_with_the_steps_major_under_the_particles_vmap(objective,
+                                                                           monkeypatch):
+    """Under the particles' ``vmap`` the hoisted work of a step runs on ``(T, K)`` arrays (the
+    particles minor, as the loop reads them): the compiled step holds no ``(T, K)`` array laid
+    out with the steps minor, which XLA's CPU loops do not vectorise at T = 10. The values
+    and gradients are those of the plain ``vmap`` over the steps (the rule off), to float
+    rounding; with batched constants (IWAE: a per-particle global) and shared data."""
+    from jax.extend import core as jex_core
+
+    from scgjax import control_flow
+
+    length, k = 10, 16
+    ys = jnp.sin(jnp.arange(length, dtype=jnp.float32))
+    params = {"s": jnp.asarray(0.3), "loc": jnp.asarray(0.1), "a": jnp.asarray(0.5),
+              "b": jnp.asarray(0.2)}
+    key = jax.random.key(4)
+    model, guide = _steps_programs(global_latent=isinstance(objective, sg.IWAE))
+    if not isinstance(objective, sg.IWAE):  # (SMC: no latent outside the loop)
+        params = {"g_param": jnp.asarray(0.4), **params}
+
+    def loss(p):
+        return objective.loss(key, p, model, guide, ys)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert _drawn_layouts(jax.jit(loss).lower(params).compile().as_text()) == {
+        f"f32[{length},{k}]{{1,0}}"}  # the normals: drawn steps-major
+
+    def plain(known, inputs):
+        return list(jax.vmap(jex_core.jaxpr_as_fun(known))(*inputs))
+
+    monkeypatch.setattr(control_flow, "_each_step", plain)
+
+    def loss_plain(p):  # (a function of its own: jit's cache holds loss's trace)
+        return objective.loss(key, p, model, guide, ys)
+
+    value_plain, grads_plain = jax.jit(jax.value_and_grad(loss_plain))(params)
+    steps_minor = {f"f32[{k},{length}]{{1,0}}", f"f32[{length},{k}]{{0,1}}"}
+    plain_layouts = _drawn_layouts(jax.jit(loss_plain).lower(params).compile().as_text())
+    assert plain_layouts and plain_layouts <= steps_minor  # (the layout this avoids)
+    np.testing.assert_allclose(value, value_plain, rtol=1e-6)
+    for name in params:
+        np.testing.assert_allclose(grads[name], grads_plain[name], rtol=1e-5, atol=1e-6)

@@ -6,9 +6,8 @@ a cost depends on a random choice exactly when a value computed from the choice 
 every equation, the set of inputs each variable was computed from. Sub-jaxprs (``jit``,
 ``custom_jvp``/``custom_vjp``/``custom_vmap`` calls, ``cond``, ``scan``, ``while``) are followed
 inside, with a fixed point over loop carries, so structure survives jitted helpers and loops;
-any other
-primitive is treated conservatively (every output depends on every input), which can only
-over-approximate the graph: the estimator stays unbiased, at worst with more variance.
+any other primitive is treated conservatively (every output depends on every input), which can
+only over-approximate the graph: the estimator stays unbiased, at worst with more variance.
 
 Sources can also be *named inside* the function: :func:`source` marks a value as the random
 choice ``name`` (an identity primitive), and :func:`source_dependencies` says which named

@@ -480,10 +480,11 @@ def _drawn_layouts(hlo: str) -> set[str]:
 def test_hoisted_work_runs_with_the_steps_major_under_the_particles_vmap(objective,
                                                                            monkeypatch):
     """Under the particles' ``vmap`` the hoisted work of a step runs on ``(T, K)`` arrays (the
-    particles minor, as the loop reads them): the compiled step holds no ``(T, K)`` array laid
-    out with the steps minor, which XLA's CPU loops do not vectorise at T = 10. The values
-    and gradients are those of the plain ``vmap`` over the steps (the rule off), to float
-    rounding; with batched constants (IWAE: a per-particle global) and shared data."""
+    particles minor, as the loop reads them): the compiled loss draws its normals as
+    ``f32[T, K]{1,0}``, where the plain ``vmap`` over the steps (the rule off) draws them with
+    the steps minor, which XLA's CPU loops do not vectorise at T = 10. The values and
+    gradients are the plain ``vmap``'s, to float rounding; with batched constants (IWAE: a
+    per-particle global) and shared data."""
     from jax.extend import core as jex_core
 
     from scgjax import control_flow

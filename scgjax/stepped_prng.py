@@ -151,8 +151,9 @@ def step_keys(key: jax.Array, length: int, shape: tuple[int, ...] = ()) -> jax.A
 
 def _written_out(key: jax.Array) -> bool:
     """Whether :func:`split` and :func:`fold_in` of ``key`` can use the written-out hash and
-    give JAX's keys: a typed threefry key with JAX's partitionable threefry (the default)."""
-    return (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    give JAX's keys: a single typed threefry key with JAX's partitionable threefry (the
+    default). A key array falls back to ``jax.random``, which refuses it ("use jax.vmap")."""
+    return (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and jnp.ndim(key) == 0
             and str(jax.random.key_impl(key)) == "threefry2x32"
             and bool(jax.config.jax_threefry_partitionable))
 

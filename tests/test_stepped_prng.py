@@ -171,3 +171,15 @@ def test_written_out_split_and_fold_in_give_jaxs_keys():
     rbg = jax.random.key(0, impl="rbg")
     assert same(split(rbg, 3), jax.random.split(rbg, 3))
     assert same(fold_in(rbg, 5), jax.random.fold_in(rbg, 5))
+
+
+def test_written_out_split_and_fold_in_refuse_a_key_array_as_jax_does():
+    """A key array (not one key) is refused as ``jax.random.split`` / ``fold_in`` refuse it,
+    not split from its first key's words."""
+    from scgjax.stepped_prng import fold_in, split
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    with pytest.raises(ValueError, match="single key"):
+        split(keys, 2)
+    with pytest.raises(ValueError, match="single key"):
+        fold_in(keys, 1)
